@@ -1,0 +1,163 @@
+"""Running a causal LM and keeping only what predicts response tokens.
+
+The losses need logits at response tokens only. Running the LM head over every prompt
+position would waste a ``(B, L, V)`` tensor (for SmolLM2, V = 49,152), so the model body is
+run once, its final hidden states are aligned to response tokens
+(:func:`aligndistil.logprobs.align_to_response`), and only those rows go through the head.
+The model is still called through its own ``forward`` (with ``logits_to_keep=1``) so that
+wrappers such as DDP, DeepSpeed and FSDP see a normal forward pass; the head is then
+applied to the aligned rows. For architectures whose logits are not simply
+``lm_head(hidden)`` (logit soft-capping or scaling) the first call detects the mismatch and
+falls back to full logits, so the result is always the model's true logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import re
+
+import torch
+import torch.nn as nn
+
+from .logprobs import gather_positions, response_positions
+
+
+@dataclass
+class ResponseOutputs:
+    """Model outputs aligned to response tokens (row ``t`` predicts response token ``t``).
+
+    Attributes:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)`` response token ids.
+        mask: ``(B, T)`` float response mask.
+        hidden: ``(B, T, d)`` final hidden states that produced ``logits``.
+        all_hidden: ``(L+1, B, T, d)`` every layer's hidden states (embeddings first), when asked.
+        activations: aligned ``(B, T, d)`` attention/MLP/residual activations, when asked (MaPO).
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    hidden: torch.Tensor
+    all_hidden: torch.Tensor | None = None
+    activations: list = field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying HF model of a DDP/compiled wrapper (for attribute access only)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+_HEAD_OK: dict[int, bool] = {}
+_ACTIVATION_RE = re.compile(r"layers\.\d+\.(self_attn|attn|attention|mlp|feed_forward)$")
+
+
+def _activation_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for name, m in unwrap(model).named_modules() if _ACTIVATION_RE.search(name)]
+
+
+def response_outputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    all_hidden: bool = False,
+    activations: bool = False,
+) -> ResponseOutputs:
+    """Forward ``[prompt ; response]`` and return outputs at response-predicting positions.
+
+    Args:
+        model: a causal LM (possibly wrapped by accelerate).
+        input_ids, attention_mask, response_mask: ``(B, L)``, left or right padded.
+        all_hidden: also return every layer's aligned hidden states (SparsePO masks).
+        activations: also return aligned attention/MLP outputs and residual streams (MaPO).
+    """
+    positions, labels, mask = response_positions(input_ids, response_mask)
+    hooks, captured = [], []
+    if activations:
+        def hook(_module, _inp, out):
+            captured.append(out[0] if isinstance(out, tuple) else out)
+        hooks = [m.register_forward_hook(hook) for m in _activation_modules(model)]
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden_states = out.hidden_states
+    last = gather_positions(hidden_states[-1], positions)
+    head = unwrap(model).get_output_embeddings()
+    key = id(unwrap(model))
+    if key not in _HEAD_OK:
+        # One-time check that logits == lm_head(final hidden) for this architecture.
+        with torch.no_grad():
+            ref = out.logits[:, -1]
+            mine = head(hidden_states[-1][:, -1])
+            _HEAD_OK[key] = ref.shape == mine.shape and torch.allclose(ref.float(), mine.float(), atol=1e-4, rtol=1e-4)
+    if _HEAD_OK[key]:
+        logits = head(last)
+    else:
+        full = model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+        logits = gather_positions(full, positions)
+    res = ResponseOutputs(logits=logits, labels=labels, mask=mask.to(logits.dtype), hidden=last)
+    if all_hidden:
+        res.all_hidden = torch.stack([gather_positions(h, positions) for h in hidden_states])
+    if activations:
+        acts = [a for a in captured if a.dim() == 3 and a.shape[:2] == input_ids.shape]
+        acts += list(hidden_states[1:])  # residual stream after every layer
+        res.activations = [gather_positions(a, positions) for a in acts]
+    return res
+
+
+def pad_right(seqs: list[torch.Tensor], value: int, length: int | None = None) -> torch.Tensor:
+    """Stack 1-D tensors into ``(N, length)``, right-padded with ``value``."""
+    length = length or max(int(s.numel()) for s in seqs)
+    out = seqs[0].new_full((len(seqs), length), value)
+    for i, s in enumerate(seqs):
+        out[i, : s.numel()] = s
+    return out
+
+
+def concat_pairs(batch: dict, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows in one ``(2B, L)`` batch, for a single forward pass."""
+    L = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def padded(x, value):
+        return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=value)
+
+    ids = torch.cat([padded(batch["chosen_input_ids"], pad_token_id), padded(batch["rejected_input_ids"], pad_token_id)])
+    att = torch.cat([padded(batch["chosen_attention_mask"], 0), padded(batch["rejected_attention_mask"], 0)])
+    resp = torch.cat([padded(batch["chosen_response_mask"], 0), padded(batch["rejected_response_mask"], 0)])
+    return ids, att, resp
+
+
+def split_pair(out: ResponseOutputs, B: int) -> tuple[ResponseOutputs, ResponseOutputs]:
+    """Undo :func:`concat_pairs` on aligned outputs: ``(2B, T, ...)`` -> chosen, rejected."""
+    def part(sl):
+        return ResponseOutputs(
+            logits=out.logits[sl], labels=out.labels[sl], mask=out.mask[sl], hidden=out.hidden[sl],
+            all_hidden=None if out.all_hidden is None else out.all_hidden[:, sl],
+            activations=[a[sl] for a in out.activations],
+        )
+    return part(slice(0, B)), part(slice(B, 2 * B))
+
+
+def pair_outputs(model: nn.Module, batch: dict, **kw) -> tuple[ResponseOutputs, ResponseOutputs]:
+    """Chosen and rejected response outputs from one forward pass over both."""
+    ids, att, resp = concat_pairs(batch)
+    return split_pair(response_outputs(model, ids, att, resp, **kw), batch["chosen_input_ids"].shape[0])
