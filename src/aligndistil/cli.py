@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print each stage's status and exit")
     _add_overrides(p)
 
+    p = sub.add_parser("make-tiny", help="build the tiny random model and synthetic data the tiny configs use",
+                       description="Write DIR/model (a random 2-layer Llama with a character tokenizer), "
+                                   "DIR/prefs.jsonl and DIR/kto.jsonl. Offline, about a second.")
+    p.add_argument("--out", default="outputs/tiny", help="folder to write (default: outputs/tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and data")
+
     sub.add_parser("config-help", help="list every config key with its default and meaning")
     return parser
 
@@ -55,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config-help":
             print(help_text())
+            return 0
+        if args.command == "make-tiny":
+            from .tiny import make_tiny_workspace
+
+            print(json.dumps(make_tiny_workspace(args.out, seed=args.seed), indent=2))
             return 0
         if args.command == "train":
             from .trainer import train

@@ -64,6 +64,7 @@ class TrainConfig:
     output_dir: str = _f("outputs/run", "Folder for the final model, metrics.jsonl and checkpoints.")
     seed: int = _f(0, "Seed for initialisation, data order and sampling.")
     learning_rate: float = _f(1e-6, "Peak learning rate of the policy.")
+    optimizer: str = _f("adamw", "adamw, or sgd (plain SGD: updates are linear in the gradient, which the exactness tests rely on).")
     weight_decay: float = _f(0.0, "AdamW weight decay of the policy.")
     adam_betas: list = _f([0.9, 0.999], "AdamW betas.")
     lr_scheduler: str = _f("linear", "transformers scheduler name: linear, cosine, constant, constant_with_warmup ...")

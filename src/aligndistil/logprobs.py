@@ -26,8 +26,9 @@ class Aligned:
 
     Attributes:
         values: ``(B, T, ...)`` the logits (or hidden states) whose row ``t`` predicts
-            response token ``t`` of each sequence; rows past a sequence's length are
-            zero-filled and must be ignored through ``mask``.
+            response token ``t`` of each sequence; rows past a sequence's length hold
+            values gathered from prompt or padding positions and must be ignored
+            through ``mask``.
         labels: ``(B, T)`` long, the response token ids (0 where ``mask`` is 0).
         mask: ``(B, T)`` float, 1 on real response tokens and 0 on padding.
         positions: ``(B, T)`` long, the input position each row was taken from

@@ -202,8 +202,10 @@ def aligndistil_step(ctx: StepContext, batch: dict):
     dpo = _frozen_outputs(ctx.frozen["dpo_model"], batch, pair=False)
     neg = _frozen_outputs(ctx.frozen[negative_role], batch, pair=False)
     extra = {}
+    weight_beta = None
     if cfg.teacher == "vanilla":
-        teacher_alpha, loss_alpha = L.vanilla_alpha(cfg.beta0, cfg.beta), cfg.beta0 / cfg.beta
+        teacher_alpha = loss_alpha = L.vanilla_alpha(cfg.beta0, cfg.beta)
+        weight_beta = cfg.beta  # Eq. 11: every token weighted by the RLHF beta
     elif cfg.teacher == "contrastive":
         teacher_alpha = loss_alpha = L.contrastive_alpha(cfg.beta0, cfg.beta)
     elif cfg.teacher == "constant":
@@ -213,8 +215,8 @@ def aligndistil_step(ctx: StepContext, batch: dict):
         tvd = (teacher_alpha - cfg.eps) / cfg.r if cfg.r > 0 else token_tvd(dpo.logits, neg.logits)
         extra["tvd/mean"] = (tvd * pol.mask).sum(-1) / pol.mask.sum(-1)
     teacher = L.aligndistil_teacher_logits(dpo.logits, neg.logits, teacher_alpha)
-    losses, metrics = L.aligndistil_loss(pol.logits, teacher, pol.mask, alpha=loss_alpha,
-                                         beta0=cfg.beta0, weighting=cfg.weighting)
+    losses, metrics = L.aligndistil_loss(pol.logits, teacher, pol.mask, alpha=None if weight_beta else loss_alpha,
+                                         beta0=cfg.beta0, weighting=cfg.weighting, beta=weight_beta)
     metrics.update(extra)
     return losses, metrics
 

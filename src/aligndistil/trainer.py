@@ -82,6 +82,13 @@ def is_complete(output_dir: str | Path, fingerprint: str | None = None) -> bool:
         return False
 
 
+def _cpu_only_multiprocess() -> bool:
+    """True when launched as several processes (torchrun / accelerate launch --multi_gpu) on a
+    machine without a GPU: accelerate then needs ``cpu=True`` to set up gloo data parallelism
+    (its own ``--cpu`` launcher starts several processes only through MPI)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
     """Train one :class:`~aligndistil.config.RunConfig`.
@@ -99,7 +106,7 @@ class Trainer:
         # What COMPLETE.json records; a pipeline passes one that also covers upstream stages.
         self.fingerprint = fingerprint or cfg.fingerprint()
         self.resume = resume
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or Accelerator(cpu=_cpu_only_multiprocess())
         self.method: Method = get_method(cfg.method)
         self.out = Path(cfg.train.output_dir)
         self._validate()
@@ -167,7 +174,12 @@ class Trainer:
         for mod in self.modules.values():
             groups.append({"params": list(mod.parameters()), "weight_decay": cfg.method.mask_weight_decay,
                            "lr": cfg.method.mask_learning_rate or t.learning_rate})
-        self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas))
+        if t.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas))
+        elif t.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=t.learning_rate)
+        else:
+            raise ValueError(f"train.optimizer must be adamw or sgd, got {t.optimizer!r}")
 
         ws = acc.num_processes
         self.global_batch = t.per_device_batch_size * ws * t.gradient_accumulation_steps

@@ -83,5 +83,7 @@ def check_token_logps(name: str, logps: torch.Tensor, mask: torch.Tensor | None,
     else:
         if logps.dim() != 2:
             raise ValueError(f"{name} must be (B, T) per-token log-probs, got {tuple(logps.shape)}")
+        if mask.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(logps.shape)} but {mask_name} has {tuple(mask.shape)}")
         check_mask(mask_name, mask, logps.shape)
     check_finite(name, logps)

@@ -113,15 +113,23 @@ def adaptive_alpha(
     check_finite("dpo_logits", dpo_logits)
     check_finite("reverse_dpo_logits", reverse_dpo_logits)
     with torch.no_grad():
-        return r * token_tvd(dpo_logits.float(), reverse_dpo_logits.float()).to(dpo_logits.dtype) + eps
+        # Softmax differences of half-precision logits lose too much: compute in at least fp32.
+        work = torch.promote_types(dpo_logits.dtype, torch.float32)
+        return r * token_tvd(dpo_logits.to(work), reverse_dpo_logits.to(work)).to(dpo_logits.dtype) + eps
 
 
-def token_weights(alpha: torch.Tensor | float, beta0: float, weighting: str, like: torch.Tensor) -> torch.Tensor:
-    """Per-token loss weights ``(B, T)``: ``beta_t = beta0 / alpha_t`` or uniform ones."""
+def token_weights(alpha: torch.Tensor | float | None, beta0: float, weighting: str, like: torch.Tensor,
+                  beta: float | None = None) -> torch.Tensor:
+    """Per-token loss weights ``(B, T)``: ``beta_t = beta0 / alpha_t``, a constant ``beta``, or ones."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "uniform":
         return torch.ones_like(like)
+    if beta is not None:
+        check_positive("beta", beta)
+        return torch.full_like(like, float(beta))
+    if alpha is None:
+        raise ValueError("alpha is required (or pass beta, the vanilla teacher's constant weight)")
     check_positive("beta0", beta0)
     a = torch.as_tensor(alpha, dtype=like.dtype, device=like.device)
     if a.dim() > 0 and a.shape != like.shape:
@@ -136,9 +144,10 @@ def aligndistil_loss(
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
     *,
-    alpha: torch.Tensor | float,
+    alpha: torch.Tensor | float | None = None,
     beta0: float = 0.1,
     weighting: str = "beta_t",
+    beta: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """AlignDistil loss, per sequence (Eq. 18 on-policy, Eq. 19 off-policy).
 
@@ -157,12 +166,13 @@ def aligndistil_loss(
         mask: ``(B, T)`` response mask.
         alpha: the teacher's extrapolation weight in the contrastive form
             ``z_dpo + alpha (z_dpo - z_rev)``: a ``(B, T)`` tensor ``alpha_t`` (adaptive) or
-            a float (contrastive: ``beta0/beta``, giving ``beta_t = beta``). For the vanilla
-            teacher the RLHF weight is also ``beta``, so pass ``alpha = beta0/beta`` here
-            (not the teacher's ``beta0/beta - 1``).
+            a float (contrastive: ``beta0/beta``, giving ``beta_t = beta``).
         beta0: the DPO models' coefficient (paper: 0.1), > 0.
         weighting: ``"beta_t"`` (paper, default) or ``"uniform"`` (every token weight 1;
             an explicit ablation option).
+        beta: the vanilla teacher (Eq. 11): its RLHF weight is the constant ``beta``, which
+            is NOT ``beta0 / alpha`` for that teacher's ``alpha = beta0/beta - 1``; pass
+            ``beta`` instead of ``alpha`` and every token is weighted by ``beta``.
 
     Returns:
         ``losses (B,)`` and detached metrics: ``teacher_kl`` (per-sequence mean of the
@@ -175,7 +185,9 @@ def aligndistil_loss(
             f"teacher_logits {tuple(teacher_logits.shape)} must match policy_logits {tuple(policy_logits.shape)}"
         )
     check_finite("teacher_logits", teacher_logits)
-    weights = token_weights(alpha, beta0, weighting, mask)
+    weights = token_weights(alpha, beta0, weighting, mask, beta=beta)
+    if alpha is None:
+        alpha = beta0 / beta if beta is not None else 1.0  # reported as alpha/mean only
     logp = F.log_softmax(policy_logits, dim=-1)
     logq = F.log_softmax(teacher_logits.detach(), dim=-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T) reverse KL per token

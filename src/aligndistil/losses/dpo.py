@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_finite, check_nonnegative, check_positive, check_token_logps
+from ._checks import check_finite, check_nonnegative, check_positive, check_same_shape, check_token_logps
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -38,8 +38,13 @@ def _pair_logps(
     check_token_logps("policy_rejected_logps", policy_rejected_logps, rejected_mask, "rejected_mask")
     check_token_logps("reference_chosen_logps", reference_chosen_logps, chosen_mask, "chosen_mask")
     check_token_logps("reference_rejected_logps", reference_rejected_logps, rejected_mask, "rejected_mask")
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, reference_chosen_logps=reference_chosen_logps)
+    check_same_shape(policy_rejected_logps=policy_rejected_logps, reference_rejected_logps=reference_rejected_logps)
     if policy_chosen_logps.shape[0] != policy_rejected_logps.shape[0]:
-        raise ValueError("chosen and rejected batches have different sizes")
+        raise ValueError(
+            f"policy_chosen_logps has batch size {policy_chosen_logps.shape[0]} but "
+            f"policy_rejected_logps has {policy_rejected_logps.shape[0]}"
+        )
     return (
         sequence_logps(policy_chosen_logps, chosen_mask),
         sequence_logps(policy_rejected_logps, rejected_mask),
@@ -193,6 +198,11 @@ def simpo_loss(
     check_positive("beta", beta)
     check_token_logps("policy_chosen_logps", policy_chosen_logps, chosen_mask, "chosen_mask")
     check_token_logps("policy_rejected_logps", policy_rejected_logps, rejected_mask, "rejected_mask")
+    if policy_chosen_logps.shape[0] != policy_rejected_logps.shape[0]:
+        raise ValueError(
+            f"policy_chosen_logps has batch size {policy_chosen_logps.shape[0]} but "
+            f"policy_rejected_logps has {policy_rejected_logps.shape[0]}"
+        )
     pc = sequence_logps(policy_chosen_logps, chosen_mask)
     pr = sequence_logps(policy_rejected_logps, rejected_mask)
     chosen_rewards = beta * pc / chosen_mask.sum(-1)
@@ -245,6 +255,7 @@ def kto_loss(
     check_positive("beta", beta)
     check_token_logps("policy_logps", policy_logps, mask, "mask")
     check_token_logps("reference_logps", reference_logps, mask, "mask")
+    check_same_shape(policy_logps=policy_logps, reference_logps=reference_logps)
     desirable = desirable.bool()
     if desirable.shape != policy_logps.shape[:1]:
         raise ValueError(f"desirable must be (B,) = ({policy_logps.shape[0]},), got {tuple(desirable.shape)}")

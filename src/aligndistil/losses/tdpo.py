@@ -95,7 +95,10 @@ def _check_pair_logits(policy_chosen_logits, policy_rejected_logits, reference_c
     if reference_rejected_logits.shape != policy_rejected_logits.shape:
         raise ValueError("reference_rejected_logits and policy_rejected_logits differ in shape")
     if policy_chosen_logits.shape[0] != policy_rejected_logits.shape[0]:
-        raise ValueError("chosen and rejected batches have different sizes")
+        raise ValueError(
+            f"policy_chosen_logits has batch size {policy_chosen_logits.shape[0]} but "
+            f"policy_rejected_logits has {policy_rejected_logits.shape[0]}"
+        )
     V = policy_chosen_logits.shape[-1]
     check_labels("chosen_labels", chosen_labels, "chosen_mask", chosen_mask, V)
     check_labels("rejected_labels", rejected_labels, "rejected_mask", rejected_mask, V)
