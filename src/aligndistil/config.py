@@ -80,6 +80,11 @@ class TrainConfig:
     report_to: list = _f([], "Extra loggers: [tensorboard].")
     progress_bar: bool = _f(True, "Show a progress bar with loss and time left.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the policy.")
+    loss_path: str = _f("fused", "fused: token-level losses computed in row chunks from final hidden states, never B x T x V; plain: full logits (the reference implementation).")
+    chunk_size: int = _f(256, "fused path: response rows per chunk (memory ~ a few chunk_size x vocab fp32 buffers).")
+    compile_loss: bool = _f(False, "fused path: torch.compile the element-wise chunk body (see BENCHMARKS.md for when it pays).")
+    teacher_cache: Optional[str] = _f(None, "Folder of an exact teacher cache (final hidden states + alpha inputs of the frozen models, off-policy aligndistil and tdpo1/2); built on first use, refused if stale. The frozen models are then not loaded.")
+    teacher_cache_dtype: str = _f("float32", "Dtype of cached hidden states: float32 (exact) or bfloat16 (half the disk, approximate teacher logits).")
 
 
 @dataclass
@@ -128,6 +133,12 @@ class RunConfig:
         d = self.to_dict()
         for k in ("output_dir", "progress_bar", "report_to", "logging_steps", "save_steps", "save_total_limit"):
             d["train"].pop(k, None)
+        # Performance settings that leave the results equal (to float tolerance) are not part of
+        # the fingerprint; an approximate (bf16) teacher cache is.
+        for k in ("loss_path", "chunk_size", "compile_loss", "teacher_cache"):
+            d["train"].pop(k, None)
+        if not self.train.teacher_cache or self.train.teacher_cache_dtype == "float32":
+            d["train"].pop("teacher_cache_dtype", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

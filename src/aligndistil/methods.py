@@ -11,6 +11,7 @@ or devices, so adding a method means adding a declaration here, not a trainer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +22,7 @@ from . import losses as L
 from .config import MethodConfig
 from .generation import sample_responses
 from .logprobs import label_logps, token_tvd
+from .losses import fused as FL
 from .modeling import ResponseOutputs, pad_right, pair_outputs, response_outputs, unwrap
 
 ROLES = ("reference", "dpo_model", "reverse_dpo_model")
@@ -37,6 +39,11 @@ class StepContext:
         modules: extra trainable modules (SparsePO mask) by name.
         pad_token_id, eos_token_id: for on-policy sampling.
         all_mean: averages a scalar tensor over data-parallel ranks (identity on one process).
+        loss_path: ``"fused"`` (chunked losses from hidden states, never ``B x T x V``) or
+            ``"plain"`` (full logits; the reference implementation).
+        chunk_size: rows per chunk on the fused path.
+        cache: a :class:`aligndistil.teacher_cache.TeacherCache` serving frozen models'
+            outputs from disk (those roles are then absent from ``frozen``), or None.
     """
 
     policy: nn.Module
@@ -46,6 +53,13 @@ class StepContext:
     pad_token_id: int = 0
     eos_token_id: object = None
     all_mean: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    loss_path: str = "fused"
+    chunk_size: int = FL.DEFAULT_CHUNK_SIZE
+    cache: object = None
+
+    @property
+    def fused(self) -> bool:
+        return self.loss_path == "fused"
 
 
 @dataclass(frozen=True)
@@ -70,34 +84,76 @@ class Method:
         return int(batch[key].shape[0])
 
 
-def _frozen_outputs(model, batch_or_pair, pair: bool, **kw):
+# --------------------------------------------------------------------------- outputs and paths
+# Every loss below is written once: it asks for model outputs, turns them into loss inputs
+# with `_inputs` (full logits on the plain path, `FL.HeadRows` on the fused path) and calls
+# the loss that `_pick` chose for that path. The fused losses mirror the plain ones'
+# arguments, so a method never branches on the path itself.
+
+
+def _frozen_outputs(ctx: StepContext, role: str, batch_or_pair, pair: bool, **kw):
+    """A frozen model's outputs: from the teacher cache when it holds ``role``, else a forward."""
+    if ctx.cache is not None and ctx.cache.has(role) and not kw:
+        return ctx.cache.outputs(role, batch_or_pair, pair)
+    model = ctx.frozen[role]
     with torch.no_grad():
         if pair:
-            return pair_outputs(model, batch_or_pair, **kw)
+            return pair_outputs(model, batch_or_pair, compute_logits=not ctx.fused, **kw)
         return response_outputs(model, batch_or_pair["input_ids"], batch_or_pair["attention_mask"],
-                                batch_or_pair["response_mask"], **kw)
+                                batch_or_pair["response_mask"], compute_logits=not ctx.fused, **kw)
 
 
 def _single(ctx: StepContext, batch: dict, **kw) -> ResponseOutputs:
-    return response_outputs(ctx.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"], **kw)
+    return response_outputs(ctx.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                            compute_logits=not ctx.fused, **kw)
+
+
+def _policy_pair(ctx: StepContext, batch: dict, **kw):
+    return pair_outputs(ctx.policy, batch, compute_logits=not ctx.fused, **kw)
+
+
+def _inputs(*outs: ResponseOutputs) -> tuple[list, bool]:
+    """Loss inputs for ``outs`` and whether they are fused: ``HeadRows`` when every output
+    has a linear head and no logits, else full logits for all (the plain path)."""
+    if all(o.logits is None and o.head is not None for o in outs):
+        return [FL.HeadRows(o.hidden, *o.head) for o in outs], True
+    return [o.head_logits() for o in outs], False
+
+
+def _pick(ctx: StepContext, fused: bool, plain_fn: Callable, fused_fn: Callable) -> Callable:
+    """The plain loss, or its fused counterpart with this run's chunk size."""
+    return functools.partial(fused_fn, chunk_size=ctx.chunk_size) if fused else plain_fn
+
+
+def _plain_logps(zs, labels, masks):
+    return [label_logps(z, y) for z, y in zip(zs, labels)]
+
+
+def _logps(ctx: StepContext, *outs: ResponseOutputs) -> list[torch.Tensor]:
+    """``(B, T)`` label log-probs of the response tokens of each of ``outs`` (outputs of one
+    model; fused: in one pass)."""
+    zs, fused = _inputs(*outs)
+    fn = _pick(ctx, fused, _plain_logps, FL.label_logps_group)
+    return fn(zs, [o.labels for o in outs], [o.mask for o in outs])
 
 
 # --------------------------------------------------------------------------- SFT
 def sft_loss(ctx: StepContext, batch: dict):
     """NLL of the response tokens; normalised per token over the optimizer step."""
     out = _single(ctx, batch)
-    nll = -(label_logps(out.logits, out.labels) * out.mask).sum(-1)
+    nll = -(_logps(ctx, out)[0] * out.mask).sum(-1)
     return nll, {"nll/sequence": nll.detach(), "response_length": out.mask.sum(-1)}
 
 
 # --------------------------------------------------------------------------- DPO family
 def _pair_logps(ctx: StepContext, batch: dict, with_reference: bool = True):
-    pc, pr = pair_outputs(ctx.policy, batch)
-    lp = (label_logps(pc.logits, pc.labels), label_logps(pr.logits, pr.labels))
+    pc, pr = _policy_pair(ctx, batch)
+    lp = tuple(_logps(ctx, pc, pr))
     if not with_reference:
         return lp, (None, None), (pc.mask, pr.mask)
-    rc, rr = _frozen_outputs(ctx.frozen["reference"], batch, pair=True)
-    ref = (label_logps(rc.logits, rc.labels), label_logps(rr.logits, rr.labels))
+    rc, rr = _frozen_outputs(ctx, "reference", batch, pair=True)
+    with torch.no_grad():
+        ref = tuple(_logps(ctx, rc, rr))
     return lp, ref, (pc.mask, pr.mask)
 
 
@@ -135,17 +191,18 @@ def _mismatched(batch: dict, pad_token_id: int) -> dict:
 
 def kto_step(ctx: StepContext, batch: dict):
     out = _single(ctx, batch)
-    ref = _frozen_outputs(ctx.frozen["reference"], batch, pair=False)
+    ref = _frozen_outputs(ctx, "reference", batch, pair=False)
     mism = _mismatched(batch, ctx.pad_token_id)
     with torch.no_grad():
         # z0 estimates KL(pi_theta || pi_ref) from mismatched pairs, averaged over ranks;
         # KTO detaches it (no gradient through the reference point).
-        pm = response_outputs(ctx.policy, mism["input_ids"], mism["attention_mask"], mism["response_mask"])
-        rm = _frozen_outputs(ctx.frozen["reference"], mism, pair=False)
-        kl = ((label_logps(pm.logits, pm.labels) - label_logps(rm.logits, rm.labels)) * pm.mask).sum(-1).mean()
+        pm = _single(ctx, mism)
+        rm = _frozen_outputs(ctx, "reference", mism, pair=False)
+        kl = ((_logps(ctx, pm)[0] - _logps(ctx, rm)[0]) * pm.mask).sum(-1).mean()
         z0 = ctx.all_mean(kl)
+        ref_logps = _logps(ctx, ref)[0]
     return L.kto_loss(
-        label_logps(out.logits, out.labels), label_logps(ref.logits, ref.labels), out.mask,
+        _logps(ctx, out)[0], ref_logps, out.mask,
         batch["label"], z0, beta=ctx.cfg.beta,
         desirable_weight=ctx.cfg.desirable_weight, undesirable_weight=ctx.cfg.undesirable_weight,
     )
@@ -153,16 +210,17 @@ def kto_step(ctx: StepContext, batch: dict):
 
 # --------------------------------------------------------------------------- TDPO / SparsePO / MaPO
 def _token_level_outputs(ctx: StepContext, batch: dict, **ref_kw):
-    pc, pr = pair_outputs(ctx.policy, batch)
-    rc, rr = _frozen_outputs(ctx.frozen["reference"], batch, pair=True, **ref_kw)
+    pc, pr = _policy_pair(ctx, batch)
+    rc, rr = _frozen_outputs(ctx, "reference", batch, pair=True, **ref_kw)
     return pc, pr, rc, rr
 
 
 def tdpo_step(variant: int):
     def loss(ctx: StepContext, batch: dict):
         pc, pr, rc, rr = _token_level_outputs(ctx, batch)
-        return L.tdpo_loss(pc.logits, pr.logits, rc.logits, rr.logits, pc.labels, pr.labels, pc.mask, pr.mask,
-                           variant=variant, beta=ctx.cfg.beta, alpha=ctx.cfg.alpha)
+        zs, fused = _inputs(pc, pr, rc, rr)
+        fn = _pick(ctx, fused, L.tdpo_loss, FL.tdpo_loss)
+        return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask, variant=variant, beta=ctx.cfg.beta, alpha=ctx.cfg.alpha)
     return loss
 
 
@@ -171,9 +229,11 @@ def sparsepo_step(ctx: StepContext, batch: dict):
     mask_net = ctx.modules["mask"]
     mu_c, md_c = mask_net(rc.all_hidden)
     mu_r, md_r = mask_net(rr.all_hidden)
-    return L.sparsepo_loss(pc.logits, pr.logits, rc.logits, rr.logits, pc.labels, pr.labels, pc.mask, pr.mask,
-                           mu_c * pc.mask, mu_r * pr.mask, md_c * pc.mask, md_r * pr.mask,
-                           beta=ctx.cfg.beta, lambda_u=ctx.cfg.lambda_u, lambda_d=ctx.cfg.lambda_d)
+    zs, fused = _inputs(pc, pr, rc, rr)
+    fn = _pick(ctx, fused, L.sparsepo_loss, FL.sparsepo_loss)
+    return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask,
+              mu_c * pc.mask, mu_r * pr.mask, md_c * pc.mask, md_r * pr.mask,
+              beta=ctx.cfg.beta, lambda_u=ctx.cfg.lambda_u, lambda_d=ctx.cfg.lambda_d)
 
 
 def make_sparsepo_mask(policy: nn.Module, cfg: MethodConfig) -> dict:
@@ -185,8 +245,10 @@ def mapo_step(ctx: StepContext, batch: dict):
     pc, pr, rc, rr = _token_level_outputs(ctx, batch, activations=True)
     m_c = L.mapo_mask(rc.activations, pc.mask)
     m_r = L.mapo_mask(rr.activations, pr.mask)
-    return L.sparsepo_loss(pc.logits, pr.logits, rc.logits, rr.logits, pc.labels, pr.labels, pc.mask, pr.mask,
-                           m_c, m_r, m_c, m_r, beta=ctx.cfg.beta, lambda_u=0.0, lambda_d=0.0)
+    zs, fused = _inputs(pc, pr, rc, rr)
+    fn = _pick(ctx, fused, L.sparsepo_loss, FL.sparsepo_loss)
+    return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask, m_c, m_r, m_c, m_r,
+              beta=ctx.cfg.beta, lambda_u=0.0, lambda_d=0.0)
 
 
 # --------------------------------------------------------------------------- AlignDistil
@@ -194,31 +256,55 @@ TEACHERS = ("vanilla", "contrastive", "adaptive", "constant")
 MODES = ("off_policy", "on_policy")
 
 
+def teacher_alpha(cfg: MethodConfig) -> tuple[float | None, float | None]:
+    """``(alpha, beta)`` of the configured teacher: ``alpha`` None means adaptive (per token);
+    ``beta`` is the vanilla teacher's constant token weight (Eq. 11), else None."""
+    if cfg.teacher == "vanilla":
+        return L.vanilla_alpha(cfg.beta0, cfg.beta), cfg.beta
+    if cfg.teacher == "contrastive":
+        return L.contrastive_alpha(cfg.beta0, cfg.beta), None
+    if cfg.teacher == "constant":
+        return cfg.alpha, None
+    return None, None
+
+
+def negative_role(cfg: MethodConfig) -> str:
+    """The teacher's negative model: the reference (vanilla) or the reverse-DPO model."""
+    return "reference" if cfg.teacher == "vanilla" else "reverse_dpo_model"
+
+
+def aligndistil_plain_loss(policy_logits, base_logits, negative_logits, labels, mask, *, alpha, r, eps, beta0,
+                           weighting, beta=None, tvd=None):
+    """The plain (reference) AlignDistil loss on full logits; same arguments as
+    :func:`aligndistil.losses.fused.aligndistil_loss`. ``alpha`` None: adaptive, from
+    ``tvd`` when given (teacher cache), else from the teachers' logits."""
+    extra = {}
+    if alpha is None:
+        if tvd is None:
+            alpha = L.adaptive_alpha(base_logits, negative_logits, r=r, eps=eps)
+            tvd = (alpha - eps) / r if r > 0 else token_tvd(base_logits, negative_logits)
+        else:
+            alpha = r * tvd + eps
+        extra["tvd/mean"] = (tvd * mask).sum(-1) / mask.sum(-1)
+    teacher = L.aligndistil_teacher_logits(base_logits, negative_logits, alpha)
+    losses, metrics = L.aligndistil_loss(policy_logits, teacher, mask, alpha=None if beta else alpha,
+                                         beta0=beta0, weighting=weighting, beta=beta)
+    metrics.update(extra)
+    return losses, metrics
+
+
 def aligndistil_step(ctx: StepContext, batch: dict):
     """Eq. 18/19: reverse KL to the composite teacher at every response token."""
     cfg = ctx.cfg
     pol = _single(ctx, batch)
-    negative_role = "reference" if cfg.teacher == "vanilla" else "reverse_dpo_model"
-    dpo = _frozen_outputs(ctx.frozen["dpo_model"], batch, pair=False)
-    neg = _frozen_outputs(ctx.frozen[negative_role], batch, pair=False)
-    extra = {}
-    weight_beta = None
-    if cfg.teacher == "vanilla":
-        teacher_alpha = loss_alpha = L.vanilla_alpha(cfg.beta0, cfg.beta)
-        weight_beta = cfg.beta  # Eq. 11: every token weighted by the RLHF beta
-    elif cfg.teacher == "contrastive":
-        teacher_alpha = loss_alpha = L.contrastive_alpha(cfg.beta0, cfg.beta)
-    elif cfg.teacher == "constant":
-        teacher_alpha = loss_alpha = cfg.alpha
-    else:
-        teacher_alpha = loss_alpha = L.adaptive_alpha(dpo.logits, neg.logits, r=cfg.r, eps=cfg.eps)
-        tvd = (teacher_alpha - cfg.eps) / cfg.r if cfg.r > 0 else token_tvd(dpo.logits, neg.logits)
-        extra["tvd/mean"] = (tvd * pol.mask).sum(-1) / pol.mask.sum(-1)
-    teacher = L.aligndistil_teacher_logits(dpo.logits, neg.logits, teacher_alpha)
-    losses, metrics = L.aligndistil_loss(pol.logits, teacher, pol.mask, alpha=None if weight_beta else loss_alpha,
-                                         beta0=cfg.beta0, weighting=cfg.weighting, beta=weight_beta)
-    metrics.update(extra)
-    return losses, metrics
+    dpo = _frozen_outputs(ctx, "dpo_model", batch, pair=False)
+    neg = _frozen_outputs(ctx, negative_role(cfg), batch, pair=False)
+    alpha, beta = teacher_alpha(cfg)
+    tvd = ctx.cache.tvd(batch, pol.mask) if alpha is None and ctx.cache is not None and ctx.cache.has_tvd else None
+    zs, fused = _inputs(pol, dpo, neg)
+    fn = _pick(ctx, fused, aligndistil_plain_loss, FL.aligndistil_loss)
+    return fn(*zs, pol.labels, pol.mask, alpha=alpha, r=cfg.r, eps=cfg.eps, beta0=cfg.beta0,
+              weighting=cfg.weighting, beta=beta, tvd=tvd)
 
 
 def on_policy_prepare(ctx: StepContext, batch: dict) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import re
+import weakref
 
 import torch
 import torch.nn as nn
@@ -27,20 +28,33 @@ class ResponseOutputs:
     """Model outputs aligned to response tokens (row ``t`` predicts response token ``t``).
 
     Attributes:
-        logits: ``(B, T, V)``.
+        logits: ``(B, T, V)``, or None when only hidden states were asked for (the fused
+            losses compute logits chunk by chunk from ``hidden`` and ``head``).
         labels: ``(B, T)`` response token ids.
         mask: ``(B, T)`` float response mask.
-        hidden: ``(B, T, d)`` final hidden states that produced ``logits``.
+        hidden: ``(B, T, d)`` final hidden states that produce the logits.
         all_hidden: ``(L+1, B, T, d)`` every layer's hidden states (embeddings first), when asked.
         activations: aligned ``(B, T, d)`` attention/MLP/residual activations, when asked (MaPO).
+        head: ``(weight (V, d), bias (V,) or None)`` of the LM head when the logits are exactly
+            ``hidden @ weight^T + bias`` for this model, else None.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     labels: torch.Tensor
     mask: torch.Tensor
     hidden: torch.Tensor
     all_hidden: torch.Tensor | None = None
     activations: list = field(default_factory=list)
+    head: tuple | None = None
+
+    def head_logits(self) -> torch.Tensor:
+        """The logits: ``logits`` if computed, else ``hidden @ W^T + b`` (B x T x V, plain path)."""
+        if self.logits is not None:
+            return self.logits
+        if self.head is None:
+            raise ValueError("these outputs hold neither logits nor a linear head")
+        weight, bias = self.head
+        return torch.nn.functional.linear(self.hidden.to(weight.dtype), weight, bias)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -55,12 +69,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_HEAD_OK: dict[int, bool] = {}
+# Per model (weakly held, so a new model that reuses a freed model's id is checked afresh).
+_HEAD_OK: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _ACTIVATION_RE = re.compile(r"layers\.\d+\.(self_attn|attn|attention|mlp|feed_forward)$")
 
 
 def _activation_modules(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in unwrap(model).named_modules() if _ACTIVATION_RE.search(name)]
+
+
+def linear_head(model: nn.Module) -> tuple | None:
+    """``(weight, bias)`` of the model's LM head if it is a plain ``nn.Linear`` (tied or not),
+    else None (e.g. a LoRA-wrapped head, whose logits are not ``hidden @ weight^T``)."""
+    head = unwrap(model).get_output_embeddings()
+    if head is None or type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear):
+        return None
+    return head.weight, head.bias
 
 
 def response_outputs(
@@ -71,6 +95,7 @@ def response_outputs(
     *,
     all_hidden: bool = False,
     activations: bool = False,
+    compute_logits: bool = True,
 ) -> ResponseOutputs:
     """Forward ``[prompt ; response]`` and return outputs at response-predicting positions.
 
@@ -79,6 +104,11 @@ def response_outputs(
         input_ids, attention_mask, response_mask: ``(B, L)``, left or right padded.
         all_hidden: also return every layer's aligned hidden states (SparsePO masks).
         activations: also return aligned attention/MLP outputs and residual streams (MaPO).
+        compute_logits: apply the LM head to the aligned rows. With False, ``logits`` is
+            None and ``head`` holds the head's weights, so a fused loss can compute the
+            logits chunk by chunk; if the model's logits are not a plain linear map of the
+            final hidden state (soft-capping, a wrapped head), logits are computed anyway
+            and ``head`` is None.
     """
     positions, labels, mask = response_positions(input_ids, response_mask)
     hooks, captured = [], []
@@ -101,20 +131,22 @@ def response_outputs(
     hidden_states = out.hidden_states
     last = gather_positions(hidden_states[-1], positions)
     head = unwrap(model).get_output_embeddings()
-    key = id(unwrap(model))
+    key = unwrap(model)
     if key not in _HEAD_OK:
         # One-time check that logits == lm_head(final hidden) for this architecture.
         with torch.no_grad():
             ref = out.logits[:, -1]
             mine = head(hidden_states[-1][:, -1])
             _HEAD_OK[key] = ref.shape == mine.shape and torch.allclose(ref.float(), mine.float(), atol=1e-4, rtol=1e-4)
+    lin = linear_head(model) if _HEAD_OK[key] else None
     if _HEAD_OK[key]:
-        logits = head(last)
+        logits = head(last) if (compute_logits or lin is None) else None
     else:
         full = model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
         logits = gather_positions(full, positions)
-    res = ResponseOutputs(logits=logits, labels=labels, mask=mask.to(logits.dtype), hidden=last)
+    mask_dtype = logits.dtype if logits is not None else (last.dtype if last.is_floating_point() else torch.float32)
+    res = ResponseOutputs(logits=logits, labels=labels, mask=mask.to(mask_dtype), hidden=last, head=lin)
     if all_hidden:
         res.all_hidden = torch.stack([gather_positions(h, positions) for h in hidden_states])
     if activations:
@@ -150,9 +182,9 @@ def split_pair(out: ResponseOutputs, B: int) -> tuple[ResponseOutputs, ResponseO
     """Undo :func:`concat_pairs` on aligned outputs: ``(2B, T, ...)`` -> chosen, rejected."""
     def part(sl):
         return ResponseOutputs(
-            logits=out.logits[sl], labels=out.labels[sl], mask=out.mask[sl], hidden=out.hidden[sl],
-            all_hidden=None if out.all_hidden is None else out.all_hidden[:, sl],
-            activations=[a[sl] for a in out.activations],
+            logits=None if out.logits is None else out.logits[sl], labels=out.labels[sl], mask=out.mask[sl],
+            hidden=out.hidden[sl], all_hidden=None if out.all_hidden is None else out.all_hidden[:, sl],
+            activations=[a[sl] for a in out.activations], head=out.head,
         )
     return part(slice(0, B)), part(slice(B, 2 * B))
 

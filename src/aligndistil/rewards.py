@@ -4,7 +4,8 @@ A reward here is the yardstick a run is judged by (and, for on-policy methods, t
 signal that ranks sampled responses): any callable
 ``(prompts: list[str], responses: list[str]) -> list[float]`` returning one finite score
 per pair. :func:`get_reward` turns a spec string into such a callable: ``"vader"`` is the
-built-in sentiment reward (VADER compound score of the response, in ``[-1, 1]``), and
+built-in sentiment reward (VADER compound score of the response, in ``[-1, 1]``),
+``"bt:<folder>"`` a Bradley-Terry reward model trained by ``aligndistil train-rm``, and
 ``"package.module:function"`` names any user callable. Whatever comes back is wrapped so
 that a reward that raises, returns the wrong number of scores, or returns NaN/inf fails
 loudly with its own name in the message, instead of silently poisoning a training run.
@@ -62,6 +63,9 @@ class VaderReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         return [float(self._analyzer.polarity_scores(r)["compound"]) for r in responses]
 
+
+#: Prefix of a Bradley-Terry reward model spec: ``bt:<folder>`` (see :mod:`aligndistil.reward_model`).
+BT_PREFIX = "bt:"
 
 #: Built-in rewards by spec name; each value builds a fresh reward callable.
 BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {
@@ -161,8 +165,9 @@ def get_reward(spec: str | RewardFn) -> CheckedReward:
     """Return the checked reward callable for ``spec``.
 
     Args:
-        spec: a built-in name (``"vader"``), a ``"module:function"`` string naming a
-            callable ``(prompts, responses) -> list[float]``, or such a callable itself.
+        spec: a built-in name (``"vader"``), ``"bt:<folder>"`` (a reward model trained by
+            ``aligndistil train-rm``), a ``"module:function"`` string naming a callable
+            ``(prompts, responses) -> list[float]``, or such a callable itself.
 
     Returns:
         A :class:`CheckedReward` wrapping it.
@@ -178,9 +183,15 @@ def get_reward(spec: str | RewardFn) -> CheckedReward:
     spec = spec.strip()
     if spec in BUILTIN_REWARDS:
         return CheckedReward(BUILTIN_REWARDS[spec](), spec)
-    # Prefixed specs for rewards that load a model (e.g. a reward model checkpoint
-    # under a "kind:<path>" prefix) belong here, before the generic module:function
-    # case, since their prefix would otherwise be taken for a module name.
+    # Prefixed specs for rewards that load a model belong here, before the generic
+    # module:function case, since their prefix would otherwise be taken for a module name.
+    if spec.startswith(BT_PREFIX):
+        folder = spec[len(BT_PREFIX):]
+        if not folder:
+            raise ValueError(f"reward spec {spec!r}: give the reward model folder, e.g. 'bt:outputs/rm'")
+        from .reward_model import BTReward
+
+        return CheckedReward(BTReward(folder), spec)
     if ":" in spec:
         return CheckedReward(resolve_callable(spec), spec)
     raise ValueError(

@@ -120,6 +120,16 @@ class Trainer:
         for name in ("per_device_batch_size", "gradient_accumulation_steps"):
             if getattr(t, name) <= 0:
                 raise ValueError(f"train.{name} must be > 0")
+        if t.loss_path not in ("fused", "plain"):
+            raise ValueError(f"train.loss_path must be fused or plain, got {t.loss_path!r}")
+        if t.chunk_size <= 0:
+            raise ValueError(f"train.chunk_size must be > 0 (rows per chunk), got {t.chunk_size}")
+        if t.teacher_cache:
+            from . import teacher_cache as TC
+
+            TC.check_supported(c.method)
+            if t.teacher_cache_dtype not in TC.DTYPES:
+                raise ValueError(f"train.teacher_cache_dtype must be one of {sorted(TC.DTYPES)}, got {t.teacher_cache_dtype!r}")
         if t.learning_rate <= 0:
             raise ValueError("train.learning_rate must be > 0")
         for role in self.method.frozen:
@@ -161,12 +171,11 @@ class Trainer:
             self.policy.gradient_checkpointing_enable()
         self.policy.config.use_cache = False
         self.frozen = {}
+        self.cache = self._teacher_cache(dtype) if cfg.train.teacher_cache else None
         for role in self.method.frozen:
-            path = getattr(cfg.model, role) or cfg.model.policy
-            m = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-            self._check_vocab(role, path, m)
-            m.eval().requires_grad_(False)
-            self.frozen[role] = m.to(acc.device)
+            if self.cache is not None and self.cache.has(role):
+                continue  # served from the cache: the model is not loaded
+            self.frozen[role] = self._load_frozen(role, dtype)
         self.modules = self.method.make_modules(self.policy, cfg.method) if self.method.make_modules else {}
 
         t = cfg.train
@@ -201,6 +210,41 @@ class Trainer:
         self.policy, self.optimizer = prepared[0], prepared[1]
         self.modules = dict(zip(self.modules, prepared[2:]))
         self.policy.train()
+
+    def _load_frozen(self, role: str, dtype):
+        from .models import load_causal_lm
+
+        cfg = self.cfg
+        path = getattr(cfg.model, role) or cfg.model.policy
+        m = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self._check_vocab(role, path, m)
+        m.eval().requires_grad_(False)
+        return m.to(self.accelerator.device)
+
+    def _teacher_cache(self, dtype):
+        """Open (building it on first use) the teacher cache; refuse a stale one."""
+        from . import teacher_cache as TC
+
+        cfg, acc = self.cfg, self.accelerator
+        TC.check_supported(cfg.method)
+        roles = {r: getattr(cfg.model, r) or cfg.model.policy for r in self.method.frozen}
+        fp = TC.fingerprint(cfg, roles, self.features, self.method.batch)
+        folder = Path(cfg.train.teacher_cache)
+        with acc.main_process_first():
+            if not (folder / TC.MANIFEST).is_file() and acc.is_main_process:
+                self._log(f"[teacher cache] building {folder} (the frozen models run once over the data)")
+                models = {r: self._load_frozen(r, dtype) for r in roles}
+                tvd = ("dpo_model", "reverse_dpo_model") if {"dpo_model", "reverse_dpo_model"} <= set(roles) else None
+                TC.build(folder, models=models, features=self.features, collator=self.collator,
+                         kind=self.method.batch, fp=fp, tvd_roles=tvd, batch_size=cfg.train.per_device_batch_size,
+                         chunk_size=cfg.train.chunk_size, device=acc.device, log=self._log)
+                del models
+            cache = TC.TeacherCache(folder, fp, device=acc.device)
+        pv = self.policy.get_output_embeddings().weight.shape[0]
+        if cache.vocab_size != pv:
+            raise ValueError(f"teacher cache {folder} has a vocabulary of {cache.vocab_size} but the policy has {pv}")
+        self._log(f"[teacher cache] using {folder} for {', '.join(cache.roles)}")
+        return cache
 
     def _check_vocab(self, role: str, path: str, model) -> None:
         pv = self.policy.get_output_embeddings().weight.shape[0]
@@ -275,6 +319,7 @@ class Trainer:
             chunk = gb[m * bs * ws:(m + 1) * bs * ws]
             mine = chunk[rank * bs:(rank + 1) * bs]
             batch = self.collator([self.features[i] for i in mine])
+            batch["example_index"] = torch.tensor(mine, dtype=torch.long)  # rows of the teacher cache
             out.append({k: v.to(acc.device) for k, v in batch.items()})
         return out
 
@@ -284,6 +329,8 @@ class Trainer:
             policy=self.policy, frozen=self.frozen, cfg=self.cfg.method, modules=self.modules,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             all_mean=lambda x: acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x,
+            loss_path=self.cfg.train.loss_path, chunk_size=self.cfg.train.chunk_size,
+            cache=getattr(self, "cache", None),
         )
 
     def train_step(self, step: int) -> dict:

@@ -1,0 +1,157 @@
+"""The loss side alone: LM head + token-level loss, forward and backward, plain vs fused.
+
+Random weights at two head sizes: SmolLM2-135M (d=576, V=49,152) and Qwen2.5-1.5B
+(d=1536, V=151,936). Inputs are the policy's final hidden states at the response
+positions (and the frozen models' hidden states and head weights), exactly what
+``modeling.response_outputs`` hands the losses; the measured region is what the loss path
+adds: the head matmuls, the loss, and the backward to the hidden states and the head
+weight (whose gradient, V x d, both paths produce). Each case runs in its own process.
+
+    python benchmarks/bench_loss.py                 # all cases, writes benchmarks/results/loss.{json,md}
+    python benchmarks/bench_loss.py --sizes smollm2 --methods aligndistil
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+SIZES = {"smollm2": (576, 49152), "qwen2.5-1.5b": (1536, 151936)}
+METHODS = ("aligndistil", "tdpo2", "dpo")
+
+
+def run_one(case: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from aligndistil import losses as L
+    from aligndistil.logprobs import label_logps
+    from aligndistil.losses import fused as FL
+    from aligndistil.methods import aligndistil_plain_loss
+
+    torch.manual_seed(0)
+    dev = C.device()
+    d, V = SIZES[case["size"]]
+    B, T = case["batch"], case["rows"]
+    pairs = case["method"] != "aligndistil"
+    std = 0.02  # the usual init scale; logits of a few units
+
+    def hidden(n=B):
+        return torch.randn(n, T, d, device=dev)
+
+    W = (torch.randn(V, d, device=dev) * std).requires_grad_()
+    Wf = [torch.randn(V, d, device=dev) * std for _ in range(2)]
+    mask = torch.ones(B, T, device=dev)
+    labels = torch.randint(0, V, (B, T), device=dev)
+    hs = [hidden().requires_grad_() for _ in range(2 if pairs else 1)]
+    hf = [hidden() for _ in range(2)]
+    chunk = case["chunk_size"]
+
+    def loss():
+        if case["method"] == "aligndistil":
+            if case["path"] == "plain":
+                with torch.no_grad():
+                    zb, zn = F.linear(hf[0], Wf[0]), F.linear(hf[1], Wf[1])
+                losses, _ = aligndistil_plain_loss(F.linear(hs[0], W), zb, zn, labels, mask, alpha=None, r=10.0,
+                                                   eps=1e-3, beta0=0.1, weighting="beta_t")
+            else:
+                losses, _ = FL.aligndistil_loss(FL.HeadRows(hs[0], W), FL.HeadRows(hf[0], Wf[0]), FL.HeadRows(hf[1], Wf[1]),
+                                                labels, mask, r=10.0, eps=1e-3, beta0=0.1, chunk_size=chunk)
+        elif case["method"] == "tdpo2":
+            if case["path"] == "plain":
+                with torch.no_grad():
+                    rc, rr = F.linear(hf[0], Wf[0]), F.linear(hf[1], Wf[0])
+                losses, _ = L.tdpo_loss(F.linear(hs[0], W), F.linear(hs[1], W), rc, rr, labels, labels, mask, mask,
+                                        variant=2, beta=0.1, alpha=0.5)
+            else:
+                losses, _ = FL.tdpo_loss(FL.HeadRows(hs[0], W), FL.HeadRows(hs[1], W), FL.HeadRows(hf[0], Wf[0]),
+                                         FL.HeadRows(hf[1], Wf[0]), labels, labels, mask, mask, variant=2, beta=0.1,
+                                         alpha=0.5, chunk_size=chunk)
+        else:  # dpo: label log-probs only
+            if case["path"] == "plain":
+                pc, pr = (label_logps(F.linear(h, W), labels) for h in hs)
+                with torch.no_grad():
+                    rc, rr = (label_logps(F.linear(h, Wf[0]), labels) for h in hf)
+            else:
+                pc, pr = (FL.label_logps(FL.HeadRows(h, W), labels, mask, chunk_size=chunk) for h in hs)
+                with torch.no_grad():
+                    rc, rr = (FL.label_logps(FL.HeadRows(h, Wf[0]), labels, mask, chunk_size=chunk) for h in hf)
+            losses, _ = L.dpo_loss(pc, pr, rc, rr, mask, mask, beta=0.1)
+        (losses.sum() / B).backward()
+
+    times, peaks = [], []
+    for _ in range(case["reps"]):
+        for t in hs + [W]:
+            t.grad = None
+        with C.PeakMemory() as m:
+            dt, _ = C.timed(loss)
+        times.append(dt)
+        peaks.append(m.peak_bytes)
+    return {**case, "rows_total": B * T * (2 if pairs else 1), "d": d, "V": V,
+            "seconds": times, "median_s": statistics.median(times), "peak_bytes": max(peaks),
+            "peak_first_bytes": peaks[0], "weight_grad_bytes": V * d * 4, "memory_how": m.how}
+
+
+def markdown(results: list[dict], info: dict, command: str) -> str:
+    out = ["# Loss side: LM head + loss, forward + backward\n",
+           f"Device: {info.get('gpu') or info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
+           f"torch {info['torch']}, {info['date']}. Command: `{command}`\n",
+           "Peak = memory the loss region added (it includes the V x d head-weight gradient both paths produce).\n"]
+    rows = []
+    by = {(r["size"], r["method"], r["path"]): r for r in results if "error" not in r}
+    for size in SIZES:
+        for method in METHODS:
+            p, f = by.get((size, method, "plain")), by.get((size, method, "fused"))
+            if not (p and f):
+                continue
+            rows.append([size, method, p["rows_total"], f"{p['median_s']:.2f}", f"{f['median_s']:.2f}",
+                         f"{p['median_s'] / f['median_s']:.2f}x", C.gb(p["peak_bytes"]), C.gb(f["peak_bytes"]),
+                         f"{f['peak_bytes'] / p['peak_bytes']:.3f}", C.gb(p["weight_grad_bytes"])])
+    out.append(C.table(["head", "method", "rows", "plain s", "fused s", "speed-up", "plain peak GB", "fused peak GB",
+                        "fused/plain memory", "of which W grad GB"], rows))
+    errs = [r for r in results if "error" in r]
+    if errs:
+        out.append("\nFailed cases:\n" + "\n".join(f"- {r['size']} {r['method']} {r['path']}: {r['error'][-300:]}" for r in errs))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", nargs="*", default=list(SIZES))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--batch", type=int, default=4, help="sequences (pairs for tdpo2/dpo)")
+    ap.add_argument("--rows", type=int, default=256, help="response tokens per sequence")
+    ap.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: TrainConfig's)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--name", default="loss")
+    a = ap.parse_args(argv)
+    if a.case:
+        C.emit(run_one(json.loads(a.case)))
+        return
+    from aligndistil.config import TrainConfig
+    chunk = a.chunk_size or TrainConfig().chunk_size
+    info = C.device_info()
+    results = []
+    for size in a.sizes:
+        for method in a.methods:
+            for path in ("plain", "fused"):
+                case = {"size": size, "method": method, "path": path, "batch": a.batch, "rows": a.rows,
+                        "chunk_size": chunk, "reps": a.reps}
+                r = C.run_case(__file__, case)
+                results.append(r)
+                print(json.dumps({k: r.get(k) for k in ("size", "method", "path", "median_s", "peak_bytes", "error")}), flush=True)
+    command = "python benchmarks/bench_loss.py " + " ".join(sys.argv[1:])
+    j, m = C.write(a.name, {"device": info, "command": command, "results": results}, markdown(results, info, command))
+    print(f"wrote {j} and {m}")
+    print(m.read_text())
+
+
+if __name__ == "__main__":
+    main()
