@@ -33,6 +33,14 @@ from ._checks import check_finite, check_logits, check_nonnegative, check_positi
 WEIGHTINGS = ("beta_t", "uniform")
 
 
+def _check_teacher_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two teachers' logits: one shape, finite values."""
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+    check_finite(name_a, a)
+    check_finite(name_b, b)
+
+
 def aligndistil_teacher_logits(
     base_logits: torch.Tensor,
     negative_logits: torch.Tensor,
@@ -49,13 +57,7 @@ def aligndistil_teacher_logits(
     Returns:
         ``(B, T, V)`` teacher logits, detached (teachers carry no gradient).
     """
-    if base_logits.shape != negative_logits.shape:
-        raise ValueError(
-            f"base_logits {tuple(base_logits.shape)} and negative_logits "
-            f"{tuple(negative_logits.shape)} must have the same shape"
-        )
-    check_finite("base_logits", base_logits)
-    check_finite("negative_logits", negative_logits)
+    _check_teacher_pair("base_logits", base_logits, "negative_logits", negative_logits)
     base, neg = base_logits.detach(), negative_logits.detach()
     if isinstance(alpha, torch.Tensor) and alpha.dim() > 0:
         if alpha.shape != base.shape[:-1]:
@@ -105,13 +107,7 @@ def adaptive_alpha(
     """
     check_nonnegative("r", r)
     check_positive("eps", eps)
-    if dpo_logits.shape != reverse_dpo_logits.shape:
-        raise ValueError(
-            f"dpo_logits {tuple(dpo_logits.shape)} and reverse_dpo_logits "
-            f"{tuple(reverse_dpo_logits.shape)} must have the same shape"
-        )
-    check_finite("dpo_logits", dpo_logits)
-    check_finite("reverse_dpo_logits", reverse_dpo_logits)
+    _check_teacher_pair("dpo_logits", dpo_logits, "reverse_dpo_logits", reverse_dpo_logits)
     with torch.no_grad():
         # Softmax differences of half-precision logits lose too much: compute in at least fp32.
         work = torch.promote_types(dpo_logits.dtype, torch.float32)
