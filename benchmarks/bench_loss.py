@@ -110,7 +110,9 @@ def markdown(results: list[dict], info: dict, command: str) -> str:
             p, f = by.get((size, method, "plain")), by.get((size, method, "fused"))
             if not (p and f):
                 continue
-            rows.append([size, method, p["rows_total"], f"{p['median_s']:.2f}", f"{f['median_s']:.2f}",
+            busy = max(p.get("other_load") or 0, f.get("other_load") or 0)
+            rows.append([size + (f" (CONTENDED {busy:.2f} cores)" if busy >= 0.3 else ""), method, p["rows_total"],
+                         f"{p['median_s']:.2f}", f"{f['median_s']:.2f}",
                          f"{p['median_s'] / f['median_s']:.2f}x", C.gb(p["peak_bytes"]), C.gb(f["peak_bytes"]),
                          f"{f['peak_bytes'] / p['peak_bytes']:.3f}", C.gb(p["weight_grad_bytes"])])
     out.append(C.table(["head", "method", "rows", "plain s", "fused s", "speed-up", "plain peak GB", "fused peak GB",

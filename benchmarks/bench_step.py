@@ -253,6 +253,8 @@ def markdown(results: list[dict], info: dict, command: str) -> str:
                 rows.append([v, "error", "", "", "", "", r["error"][-120:].replace("\n", " ")])
                 continue
             extra = f"cache built in {r['cache_build_s']:.1f} s" if "cache_build_s" in r else ""
+            if (r.get("other_load") or 0) >= 0.3:
+                extra += f" CONTENDED: other processes used {r['other_load']:.2f} cores"
             rows.append([v, f"{r['median_s']:.2f}", " ".join(f"{s:.2f}" for s in r["seconds"]),
                          f"{r['tokens_per_s']:.0f}", f"{base['median_s'] / r['median_s']:.2f}x",
                          C.gb(r["peak_bytes"]), extra])

@@ -87,6 +87,8 @@ def test_quickstart_end_to_end_on_the_tiny_model(tiny_ws, tmp_path, monkeypatch,
     res = json.loads((out / "eval" / "results.json").read_text())
     assert res["models"]["initial"]["kl_ref"] == 0.0
     assert res["settings"]["n_prompts"] == 84  # every test prompt: evaluation is never cut short
+    assert set(res["plots"]["training_curve_runs"]) == {"dpo", "reverse_dpo", "aligndistil_off_policy",
+                                                         "aligndistil_on_policy", "tdpo2"}
     for png in ("frontier.png", "training_curves.png"):
         assert (out / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("dpo", "reverse_dpo", "aligndistil_off_policy", "aligndistil_on_policy", "tdpo2"):

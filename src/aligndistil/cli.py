@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=42, help="samples generated together (default: 42)")
     p.add_argument("--no-chat-template", action="store_true", help="use prompts as raw text instead of one chat user message")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    p.add_argument("--runs", nargs="*", default=None, metavar="NAME=PATH",
+                   help="training-run folders (with metrics.jsonl) for the training-curve plot "
+                        "(default: the evaluated model folders that have one)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
                            use_chat_template=not args.no_chat_template, plots=not args.no_plots,
-                           progress=not args.no_progress)
+                           runs=_parse_models(args.runs) if args.runs else None, progress=not args.no_progress)
             from .evals import format_table
 
             print(format_table(res))

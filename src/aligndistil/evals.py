@@ -240,6 +240,8 @@ def _run_info(path: str) -> dict:
 def _fmt(x, nd=3, sign=False):
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
+    if round(x, nd) == 0:
+        x = 0.0  # no "-0.00" for a Monte-Carlo estimate that rounds to zero
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
@@ -294,6 +296,7 @@ def evaluate(
     batch_size: int = 42,
     use_chat_template: bool = True,
     plots: bool = True,
+    runs: dict[str, str] | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
@@ -313,6 +316,8 @@ def evaluate(
         max_new_tokens, temperature, top_p, seed, num_samples, batch_size: generation.
         use_chat_template: render prompts as one user message with the chat template.
         plots: write the PNG plots.
+        runs: training-run folders (name -> folder with metrics.jsonl) for the training-curve
+            plot; default: the evaluated models' folders that have one.
 
     Returns:
         The results dict also written to ``results.json``.
@@ -461,10 +466,11 @@ def evaluate(
         from .plots import plot_frontier, plot_training_curves
 
         results["plots"] = {"frontier": str(plot_frontier(results, out_dir / "frontier.png"))}
-        runs = {n: Path(r["path"]) / "metrics.jsonl" for n, r in results["models"].items()
-                if (Path(r["path"]) / "metrics.jsonl").is_file()}
-        if runs:
-            results["plots"]["training_curves"] = str(plot_training_curves(runs, out_dir / "training_curves.png"))
+        folders = runs if runs is not None else {n: r["path"] for n, r in results["models"].items()}
+        curves = {n: Path(p) / "metrics.jsonl" for n, p in folders.items() if (Path(p) / "metrics.jsonl").is_file()}
+        if curves:
+            results["plots"]["training_curves"] = str(plot_training_curves(curves, out_dir / "training_curves.png"))
+            results["plots"]["training_curve_runs"] = list(curves)
     table = format_table(results)
     _atomic_write(out_dir / "results.md", table)
     _atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")  # last: marks the report complete

@@ -42,6 +42,7 @@ class StepContext:
         loss_path: ``"fused"`` (chunked losses from hidden states, never ``B x T x V``) or
             ``"plain"`` (full logits; the reference implementation).
         chunk_size: rows per chunk on the fused path.
+        compile_loss: run the fused path's element-wise chunk body under ``torch.compile``.
         cache: a :class:`aligndistil.teacher_cache.TeacherCache` serving frozen models'
             outputs from disk (those roles are then absent from ``frozen``), or None.
     """
@@ -55,6 +56,7 @@ class StepContext:
     all_mean: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     loss_path: str = "fused"
     chunk_size: int = FL.DEFAULT_CHUNK_SIZE
+    compile_loss: bool = False
     cache: object = None
 
     @property
@@ -122,7 +124,7 @@ def _inputs(*outs: ResponseOutputs) -> tuple[list, bool]:
 
 def _pick(ctx: StepContext, fused: bool, plain_fn: Callable, fused_fn: Callable) -> Callable:
     """The plain loss, or its fused counterpart with this run's chunk size."""
-    return functools.partial(fused_fn, chunk_size=ctx.chunk_size) if fused else plain_fn
+    return functools.partial(fused_fn, chunk_size=ctx.chunk_size, compile=ctx.compile_loss) if fused else plain_fn
 
 
 def _plain_logps(zs, labels, masks):

@@ -58,6 +58,11 @@ def _set_dotted(d: dict, dotted: str, raw: str, where: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; a number was meant
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     parts = dotted.split(".")
     cur = d
     for p in parts[:-1]:
@@ -241,7 +246,8 @@ def run_quickstart(config: str | os.PathLike, overrides: list[str] | None = None
                    dpo_model=folders.get(dpo_stage) if dpo_stage else None,
                    reverse_dpo_model=folders.get(rev_stage) if rev_stage else None,
                    prompts=eval_prompts, reward=spec.get("reward", "vader"),
-                   pairs=str(heldout_pairs) if heldout_pairs else None, progress=progress, log=log, **ev)
+                   pairs=str(heldout_pairs) if heldout_pairs else None, runs=folders, progress=progress, log=log,
+                   **ev)
     timings["eval"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
     summary = {"config": spec["_source"], "overrides": overrides or [], "timings_s": timings,

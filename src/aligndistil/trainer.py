@@ -330,6 +330,7 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             all_mean=lambda x: acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x,
             loss_path=self.cfg.train.loss_path, chunk_size=self.cfg.train.chunk_size,
+            compile_loss=self.cfg.train.compile_loss,
             cache=getattr(self, "cache", None),
         )
 

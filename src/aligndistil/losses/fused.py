@@ -201,10 +201,15 @@ class _Kernel:
     small_rows = 0
     n_grad = 1
 
-    def run(self, work: _Work, pol: "_Head", frozen, sl: slice, labels, extra, grads):
+    def run(self, work: _Work, pol: "_Head", frozen, sl: slice, labels, extra, grads, over_alpha=False):
         """Compute this chunk's statistics. With ``grads`` (per-output upstream gradients for
-        the chunk, or None), also return the logit gradient ``G`` (one of the buffers)."""
+        the chunk, or None), also return the logit gradient ``G`` (one of the buffers).
+        ``over_alpha``: the first gradient is to be divided by the chunk's ``alpha_t``."""
         raise NotImplementedError
+
+    def compiled(self) -> "_Kernel":
+        """The variant whose element-wise body runs under ``torch.compile`` (self if none)."""
+        return self
 
 
 class _LabelLogp(_Kernel):
@@ -213,7 +218,7 @@ class _LabelLogp(_Kernel):
     n_buffers = 1
     n_grad = 1
 
-    def run(self, work, pol, frozen, sl, labels, extra, grads):
+    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
         z = pol.logits_into(work.full[0], sl, work.low)
         y = labels[sl].unsqueeze(1)
         z.sub_(z.amax(-1, keepdim=True))
@@ -238,7 +243,7 @@ class _ForwardKL(_Kernel):
     n_buffers = 4
     n_grad = 2  # logp, kl (the reference's logp has none)
 
-    def run(self, work, pol, frozen, sl, labels, extra, grads):
+    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
         G, R, PR, P = work.full
         (ref,) = frozen
         ref.logits_into(R, sl, work.low)
@@ -274,7 +279,7 @@ class _ReverseKL(_Kernel):
     small_rows = 32
     n_grad = 1
 
-    def run(self, work, pol, frozen, sl, labels, extra, grads):
+    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
         A, Bn, P = work.full
         base, neg = frozen
         n = A.shape[0]
@@ -310,11 +315,70 @@ class _ReverseKL(_Kernel):
         tvd_rows = tvd if tvd is not None else torch.full((n,), float("nan"), dtype=kl.dtype, device=kl.device)
         if grads is None:
             return (kl, alpha_rows, tvd_rows), None
-        if callable(grads):  # the forward's expected gradient, which depends on alpha_t
-            grads = grads(alpha_rows)
-        (g,) = grads
+        g = grads[0] / alpha_rows if over_alpha else grads[0]
         A.sub_(kl.unsqueeze(1)).mul_(P).mul_(g.unsqueeze(1))
         return (kl, alpha_rows, tvd_rows), A
+
+    def compiled(self):
+        return _ReverseKLCompiled()
+
+
+# ----------------------------------------------------------------------------- torch.compile
+_COMPILED: dict = {}
+
+
+def _compile(fn):
+    """``torch.compile`` once per function (shapes vary with the last chunk: dynamic)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _rkl_body(zb, zn, z, alpha, w, out, r: float, eps: float, adaptive: bool, over_alpha: bool):
+    """The element-wise part of :class:`_ReverseKL` as one pure function (for torch.compile)."""
+    if adaptive:
+        tvd = 0.5 * (torch.softmax(zb, -1) - torch.softmax(zn, -1)).abs().sum(-1)
+        alpha = r * tvd + eps
+    else:
+        tvd = torch.full_like(alpha, float("nan"))
+    zt = zb + alpha.unsqueeze(1) * (zb - zn)
+    logq = zt - torch.logsumexp(zt, -1, keepdim=True)
+    logp = z - torch.logsumexp(z, -1, keepdim=True)
+    p = torch.exp(logp)
+    d = logp - logq
+    kl = (p * d).sum(-1)
+    if out is not None:
+        g = w / alpha if over_alpha else w
+        out.copy_(p * (d - kl.unsqueeze(1)) * g.unsqueeze(1))
+    return kl, alpha, tvd
+
+
+class _ReverseKLCompiled(_ReverseKL):
+    """:class:`_ReverseKL` with its element-wise body fused by ``torch.compile``
+    (reads the three logit buffers, writes only the gradient: four full buffers)."""
+
+    n_buffers = 4
+    small_rows = 0
+
+    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
+        A, Bn, Z, Out = work.full
+        base, neg = frozen
+        n = A.shape[0]
+        base.logits_into(A, sl, work.low)
+        neg.logits_into(Bn, sl, work.low)
+        pol.logits_into(Z, sl, work.low)
+        alpha = extra.get("alpha")
+        adaptive = alpha is None
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha[sl]
+        elif alpha is None:
+            alpha = torch.empty(n, dtype=A.dtype, device=A.device)
+        else:
+            alpha = torch.full((n,), float(alpha), dtype=A.dtype, device=A.device)
+        w = grads[0] if grads is not None else None
+        kl, alpha, tvd = _compile(_rkl_body)(A, Bn, Z, alpha, w, Out if grads is not None else None,
+                                             float(extra.get("r", 0.0)), float(extra.get("eps", 0.0)), adaptive, over_alpha)
+        return (kl, alpha, tvd), (Out if grads is not None else None)
 
 
 def _work(kernel: _Kernel, n: int, V: int, mm_dtypes, device, acc: torch.dtype) -> _Work:
@@ -339,16 +403,13 @@ def _forward_rows(kernel, pol, frozen, labels, extra, chunk_size, row_weight=Non
         sl = slice(start, min(start + c, N))
         view = work.view(sl.stop - sl.start)
         grads = None
+        over_alpha = bool(extra.get("hint_over_alpha"))
         if grad is not None:
             w = row_weight[sl]
-            if extra.get("hint_over_alpha"):
-                def grads(alpha_rows, w=w, sl=sl):
-                    hint[sl] = w / alpha_rows
-                    return (hint[sl],)
-            else:
-                hint[sl] = w
-                grads = (w,) + tuple(torch.zeros_like(w) for _ in range(kernel.n_grad - 1))
-        stats, G = kernel.run(view, pol, frozen, sl, labels, extra, grads)
+            grads = (w,) + tuple(torch.zeros_like(w) for _ in range(kernel.n_grad - 1))
+        stats, G = kernel.run(view, pol, frozen, sl, labels, extra, grads, over_alpha)
+        if grad is not None:  # the gradient the forward assumed, for the backward's check
+            hint[sl] = w / stats[1] if over_alpha else w
         if outs is None:
             outs = [torch.empty(N, dtype=s.dtype, device=device) for s in stats]
         for o, s in zip(outs, stats):
@@ -478,13 +539,16 @@ def _scatter(vals: torch.Tensor, idx: torch.Tensor, shape, fill: float = 0.0) ->
     return out.index_copy(0, idx, vals).reshape(shape)
 
 
-def _run(kernel, policy: HeadRows, frozen: Sequence[HeadRows], groups, extra=None, *, chunk_size, row_weight=None):
+def _run(kernel, policy: HeadRows, frozen: Sequence[HeadRows], groups, extra=None, *, chunk_size, row_weight=None,
+         compile: bool = False):
     """Run ``kernel`` on the masked rows of one or more ``(labels, mask)`` groups at once.
 
     ``policy.hidden`` and every ``frozen[k].hidden`` are lists with one ``(B, T_g, d)``
     tensor per group. Returns, per group, the kernel's outputs scattered to ``(B, T_g)``.
     """
     check_chunk_size(chunk_size)
+    if compile:
+        kernel = kernel.compiled()
     idxs = [_select(m) for _, m in groups]
     h = torch.cat([_rows(x, i) for x, i in zip(policy.hidden, idxs)])
     labels = torch.cat([_rows(lab, i) for (lab, _), i in zip(groups, idxs)])
@@ -532,7 +596,7 @@ def _same_rows(name: str, z: HeadRows, like: HeadRows) -> None:
 
 # ----------------------------------------------------------------------------- public functions
 def label_logps(z: HeadRows, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
-                chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False) -> torch.Tensor:
     """Fused :func:`aligndistil.logprobs.label_logps`: ``(B, T)`` log-probabilities of ``labels``.
 
     Only rows where ``mask`` is nonzero are computed (0 elsewhere); without a mask every row is.
@@ -541,12 +605,13 @@ def label_logps(z: HeadRows, labels: torch.Tensor, mask: torch.Tensor | None = N
     if mask is None:
         mask = torch.ones(labels.shape, device=labels.device)
     _check_rows("z", z, labels, mask)
-    (res,) = _run(_LabelLogp(), HeadRows([z.hidden], z.weight, z.bias), (), [(labels, mask)], chunk_size=chunk_size)
+    (res,) = _run(_LabelLogp(), HeadRows([z.hidden], z.weight, z.bias), (), [(labels, mask)], chunk_size=chunk_size,
+                  compile=compile)
     return res[0]
 
 
 def label_logps_group(zs: Sequence[HeadRows], labels: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[torch.Tensor]:
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False) -> list[torch.Tensor]:
     """:func:`label_logps` of several row groups of ONE model (e.g. chosen and rejected) in one
     pass, so that the head-weight gradient is accumulated once, not once per group."""
     if not zs:
@@ -556,14 +621,14 @@ def label_logps_group(zs: Sequence[HeadRows], labels: Sequence[torch.Tensor], ma
         if z.weight is not zs[0].weight or z.bias is not zs[0].bias:
             raise ValueError("label_logps_group: every group must use the same head (the same weight tensor)")
     res = _run(_LabelLogp(), HeadRows([z.hidden for z in zs], zs[0].weight, zs[0].bias), (),
-               list(zip(labels, masks)), chunk_size=chunk_size)
+               list(zip(labels, masks)), chunk_size=chunk_size, compile=compile)
     return [r[0] for r in res]
 
 
 def token_level_stats(
     policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
     chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Fused :func:`aligndistil.losses.tdpo.pair_token_stats`: policy and reference label
     log-probs and ``KL(p_ref || p_theta)`` per token for both responses, each ``(B, T)``.
@@ -583,14 +648,14 @@ def token_level_stats(
     pol = HeadRows([policy_chosen.hidden, policy_rejected.hidden], policy_chosen.weight, policy_chosen.bias)
     ref = HeadRows([reference_chosen.hidden, reference_rejected.hidden], reference_chosen.weight, reference_chosen.bias)
     (lc, klc, rc), (lr, klr, rr) = _run(_ForwardKL(), pol, (ref,), [(chosen_labels, chosen_mask), (rejected_labels, rejected_mask)],
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, compile=compile)
     return lc, lr, rc.detach(), rr.detach(), klc, klr
 
 
 def tdpo_loss(
     policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
     chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    *, variant: int, beta: float = 0.1, alpha: float = 0.5, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *, variant: int, beta: float = 0.1, alpha: float = 0.5, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Fused :func:`aligndistil.losses.tdpo_loss` (same arguments, :class:`HeadRows` for logits)."""
     if variant not in (1, 2):
@@ -598,7 +663,8 @@ def tdpo_loss(
     check_positive("beta", beta)
     check_nonnegative("alpha", alpha)
     stats = token_level_stats(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                              chosen_labels, rejected_labels, chosen_mask, rejected_mask, chunk_size=chunk_size)
+                              chosen_labels, rejected_labels, chosen_mask, rejected_mask, chunk_size=chunk_size,
+                              compile=compile)
     return token_level_dpo_from_stats(*stats, chosen_mask, rejected_mask, beta=beta,
                                       alpha=1.0 if variant == 1 else alpha, stop_grad_chosen_kl=(variant == 2))
 
@@ -609,6 +675,7 @@ def sparsepo_loss(
     chosen_reward_mask: torch.Tensor, rejected_reward_mask: torch.Tensor,
     chosen_kl_mask: torch.Tensor, rejected_kl_mask: torch.Tensor,
     *, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compile: bool = False,
 ):
     """Fused :func:`aligndistil.losses.sparsepo_loss` (same arguments, :class:`HeadRows` for logits)."""
     check_positive("beta", beta)
@@ -623,7 +690,8 @@ def sparsepo_loss(
         if not torch.isfinite(m.detach()).all() or bool((m.detach() < 0).any()):
             raise ValueError(f"{name} must be finite and >= 0")
     stats = token_level_stats(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                              chosen_labels, rejected_labels, chosen_mask, rejected_mask, chunk_size=chunk_size)
+                              chosen_labels, rejected_labels, chosen_mask, rejected_mask, chunk_size=chunk_size,
+                              compile=compile)
     return sparsepo_loss_from_stats(*stats, chosen_mask, rejected_mask, chosen_reward_mask, rejected_reward_mask,
                                     chosen_kl_mask, rejected_kl_mask, beta=beta, lambda_u=lambda_u, lambda_d=lambda_d)
 
@@ -632,7 +700,7 @@ def aligndistil_token_stats(
     policy: HeadRows, base: HeadRows, negative: HeadRows, labels: torch.Tensor, mask: torch.Tensor, *,
     alpha: float | torch.Tensor | None = None, r: float | None = None, eps: float = 1e-3,
     row_weight: torch.Tensor | None = None, row_weight_over_alpha: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Per-token ``KL(pi_theta || softmax(z*))`` with ``z* = z_base + alpha (z_base - z_neg)``.
 
@@ -683,7 +751,7 @@ def aligndistil_token_stats(
     pol = HeadRows([policy.hidden], policy.weight, policy.bias)
     fro = (HeadRows([base.hidden], base.weight, base.bias), HeadRows([negative.hidden], negative.weight, negative.bias))
     (res,) = _run(_ReverseKL(), pol, fro, [(labels, mask)], extra, chunk_size=chunk_size,
-                  row_weight=None if row_weight is None else [row_weight])
+                  row_weight=None if row_weight is None else [row_weight], compile=compile)
     kl, a, tvd = res
     a = torch.where(mask > 0, a, torch.ones_like(a))
     return kl, a.detach(), (tvd.detach() if alpha is None else None)
@@ -693,7 +761,7 @@ def aligndistil_loss(
     policy: HeadRows, base: HeadRows, negative: HeadRows, labels: torch.Tensor, mask: torch.Tensor, *,
     alpha: float | torch.Tensor | None = None, r: float | None = None, eps: float = 1e-3,
     beta0: float = 0.1, weighting: str = "beta_t", beta: float | None = None,
-    tvd: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tvd: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Fused AlignDistil loss (Eq. 18/19), the composite teacher built inside each chunk.
 
@@ -733,7 +801,7 @@ def aligndistil_loss(
         row_weight = known * mask / lengths
     kl, a, tvd = aligndistil_token_stats(policy, base, negative, labels, mask, alpha=alpha, r=r, eps=eps,
                                          row_weight=row_weight, row_weight_over_alpha=adaptive_weights,
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size, compile=compile)
     if alpha is None:
         alpha = a
     if given_tvd is not None:
