@@ -111,6 +111,24 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_ws, tmp_path):
         Trainer(cfg).train()
 
 
+def test_teacher_with_the_same_size_but_another_token_map_is_refused(tiny_ws, tmp_path):
+    """Same head size, but two tokens swap ids in the teacher's tokenizer: the sizes alone
+    would pass, the token-to-id maps do not."""
+    import json
+    import shutil
+
+    other = tmp_path / "swapped"
+    shutil.copytree(tiny_ws["model"], other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = "a", "b"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = make_cfg(tiny_ws, tmp_path / "o", "aligndistil", [f"model.dpo_model={other}"])
+    with pytest.raises(ValueError, match="(?s)model.dpo_model.*differ"):
+        Trainer(cfg).train()
+
+
 def test_too_little_data_for_one_batch(tiny_ws, tmp_path):
     cfg = make_cfg(tiny_ws, tmp_path / "x", "dpo", ["train.per_device_batch_size=40"])
     with pytest.raises(ValueError, match="fewer than one global batch"):

@@ -247,6 +247,12 @@ class Trainer:
         return cache
 
     def _check_vocab(self, role: str, path: str, model) -> None:
+        """Refuse a frozen model whose vocabulary is not the policy's: token-level losses compare
+        distributions id by id. The head sizes must match; when the model's folder has a
+        tokenizer, its token-to-id map must equal the policy tokenizer's too (a head of the
+        right size over another tokenizer would otherwise train silently on nonsense)."""
+        from .models import ModelLoadError, check_same_vocab, load_tokenizer
+
         pv = self.policy.get_output_embeddings().weight.shape[0]
         mv = model.get_output_embeddings().weight.shape[0]
         if pv != mv:
@@ -254,6 +260,14 @@ class Trainer:
                 f"model.{role} ({path}) has a vocabulary of {mv} but the policy ({self.cfg.model.policy}) has {pv}: "
                 "teachers and reference must share the policy's tokenizer and vocabulary"
             )
+        if str(path) == str(self.cfg.model.policy):
+            return
+        try:
+            tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
+        except (ModelLoadError, OSError, ValueError):
+            self._log(f"[vocab] model.{role} ({path}) has no tokenizer; checked the head size only")
+            return
+        check_same_vocab(self.tokenizer, tok, name_a="policy", name_b=f"model.{role}")
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
