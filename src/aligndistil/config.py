@@ -81,7 +81,7 @@ class TrainConfig:
     progress_bar: bool = _f(True, "Show a progress bar with loss and time left.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the policy.")
     loss_path: str = _f("fused", "fused: token-level losses computed in row chunks from final hidden states, never B x T x V; plain: full logits (the reference implementation).")
-    chunk_size: int = _f(256, "fused path: response rows per chunk (memory ~ a few chunk_size x vocab fp32 buffers).")
+    chunk_size: str = _f("auto", "fused path: response rows per chunk, a positive integer, or auto (as many rows as keep the chunk's full-vocabulary fp32 buffers within 128 MiB: 224 rows for AlignDistil at V=49,152, 64 at V=151,936). Larger chunks are faster and use more memory.")
     compile_loss: bool = _f(False, "fused path: torch.compile the element-wise chunk body (see BENCHMARKS.md for when it pays).")
     teacher_cache: Optional[str] = _f(None, "Folder of an exact teacher cache (final hidden states + alpha inputs of the frozen models, off-policy aligndistil and tdpo1/2); built on first use, refused if stale. The frozen models are then not loaded.")
     teacher_cache_dtype: str = _f("float32", "Dtype of cached hidden states: float32 (exact) or bfloat16 (half the disk, approximate teacher logits).")
@@ -140,6 +140,19 @@ class RunConfig:
         if not self.train.teacher_cache or self.train.teacher_cache_dtype == "float32":
             d["train"].pop("teacher_cache_dtype", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_chunk_size(value) -> int | str:
+    """``train.chunk_size`` as the fused path takes it: ``"auto"`` or a positive int."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        rows = int(str(value).strip())
+    except ValueError:
+        rows = 0
+    if isinstance(value, bool) or rows <= 0 or str(rows) != str(value).strip():
+        raise ValueError(f"train.chunk_size must be a positive integer (rows per chunk) or auto, got {value!r}")
+    return rows
 
 
 SECTIONS = {f.name: f.type for f in fields(RunConfig)}

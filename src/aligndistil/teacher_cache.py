@@ -153,7 +153,7 @@ def _streams(kind: str) -> dict[str, str]:
 
 
 def build(folder: str | os.PathLike, *, models: dict, features: list[dict], collator, kind: str, fp: dict,
-          tvd_roles: tuple[str, str] | None = None, batch_size: int = 8, chunk_size: int = 256,
+          tvd_roles: tuple[str, str] | None = None, batch_size: int = 8, chunk_size: int | str = "auto",
           device: torch.device | str = "cpu", log=print) -> Path:
     """Run the frozen ``models`` (role -> model) once over ``features`` and write a cache.
 

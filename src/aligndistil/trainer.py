@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, parse_chunk_size
 from .losses import sequence_mean
 from .methods import Method, StepContext, get_method
 from .modeling import unwrap
@@ -122,8 +122,7 @@ class Trainer:
                 raise ValueError(f"train.{name} must be > 0")
         if t.loss_path not in ("fused", "plain"):
             raise ValueError(f"train.loss_path must be fused or plain, got {t.loss_path!r}")
-        if t.chunk_size <= 0:
-            raise ValueError(f"train.chunk_size must be > 0 (rows per chunk), got {t.chunk_size}")
+        parse_chunk_size(t.chunk_size)
         if t.teacher_cache:
             from . import teacher_cache as TC
 
@@ -237,7 +236,7 @@ class Trainer:
                 tvd = ("dpo_model", "reverse_dpo_model") if {"dpo_model", "reverse_dpo_model"} <= set(roles) else None
                 TC.build(folder, models=models, features=self.features, collator=self.collator,
                          kind=self.method.batch, fp=fp, tvd_roles=tvd, batch_size=cfg.train.per_device_batch_size,
-                         chunk_size=cfg.train.chunk_size, device=acc.device, log=self._log)
+                         chunk_size=parse_chunk_size(cfg.train.chunk_size), device=acc.device, log=self._log)
                 del models
             cache = TC.TeacherCache(folder, fp, device=acc.device)
         pv = self.policy.get_output_embeddings().weight.shape[0]
@@ -343,7 +342,7 @@ class Trainer:
             policy=self.policy, frozen=self.frozen, cfg=self.cfg.method, modules=self.modules,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             all_mean=lambda x: acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x,
-            loss_path=self.cfg.train.loss_path, chunk_size=self.cfg.train.chunk_size,
+            loss_path=self.cfg.train.loss_path, chunk_size=parse_chunk_size(self.cfg.train.chunk_size),
             compile_loss=self.cfg.train.compile_loss,
             cache=getattr(self, "cache", None),
         )

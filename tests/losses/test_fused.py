@@ -23,7 +23,7 @@ from aligndistil.methods import StepContext, get_method
 from aligndistil.modeling import response_outputs
 
 V, D = 37, 16
-CHUNKS = [1, 3, 7, 4096]
+CHUNKS = [1, 3, 7, 4096, "auto"]
 
 
 def tiny_lm(seed: int, tied: bool) -> LlamaForCausalLM:
@@ -271,10 +271,22 @@ def test_a_head_that_is_not_linear_falls_back_to_full_logits():
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("chunk", [0, -3, 2.5, True, None])
+def test_auto_chunk_rows_fit_the_budget():
+    """``chunk_size="auto"``: rows = 128 MiB // (buffers x V x 4 bytes), rounded down to a
+    multiple of 16, within [16, 4096]. By hand: 134,217,728 // (3 * 49,152 * 4 = 589,824)
+    = 227 -> 224; // (3 * 151,936 * 4 = 1,823,232) = 73 -> 64; // (1 * 49,152 * 4) = 682 -> 672;
+    a huge vocabulary still gets 16 rows, a tiny one at most 4096."""
+    assert FL.auto_chunk_rows(3, 49152) == 224
+    assert FL.auto_chunk_rows(3, 151936) == 64
+    assert FL.auto_chunk_rows(1, 49152) == 672
+    assert FL.auto_chunk_rows(4, 10**7) == 16
+    assert FL.auto_chunk_rows(3, V) == 4096
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True, None, "big"])
 def test_bad_chunk_size(chunk):
     h, W, b, mask, labels = _heads()
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer .*or 'auto'"):
         FL.label_logps(FL.HeadRows(h, W, b), labels, mask, chunk_size=chunk)
 
 
@@ -302,7 +314,8 @@ def test_trainer_refuses_bad_fused_settings(tiny_ws, tmp_path):
     from aligndistil.trainer import Trainer
     from test_methods import make_cfg
 
-    with pytest.raises(ValueError, match="train.chunk_size must be > 0"):
-        Trainer(make_cfg(tiny_ws, tmp_path / "a", "dpo", ["train.chunk_size=0"]))
+    for bad in ("0", "-2", "1.5", "big"):
+        with pytest.raises(ValueError, match="train.chunk_size must be a positive integer .* or auto"):
+            Trainer(make_cfg(tiny_ws, tmp_path / "a", "dpo", [f"train.chunk_size={bad}"]))
     with pytest.raises(ValueError, match="train.loss_path must be fused or plain"):
         Trainer(make_cfg(tiny_ws, tmp_path / "b", "dpo", ["train.loss_path=fast"]))

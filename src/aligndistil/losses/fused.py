@@ -56,7 +56,14 @@ from .aligndistil import aligndistil_loss_from_token_kl, token_weights
 from .sparsepo import sparsepo_loss_from_stats
 from .tdpo import token_level_dpo_from_stats
 
-DEFAULT_CHUNK_SIZE = 256
+# Rows per chunk. "auto" picks them from a byte budget for the chunk's full-vocabulary fp32
+# buffers, because what a chunk costs is rows x V: 256 rows are 50 MB per buffer at
+# SmolLM2's V=49,152 but 156 MB at Qwen2.5's V=151,936. The budget trades memory for speed:
+# each chunk re-reads every head's V x d weights, so fewer, larger chunks are faster
+# (benchmarks/bench_loss.py; BENCHMARKS.md has the measured sweep).
+DEFAULT_CHUNK_SIZE = "auto"
+AUTO_CHUNK_BYTES = 128 * 2**20
+AUTO_CHUNK_MULTIPLE, AUTO_CHUNK_MAX = 16, 4096
 
 # How often a backward rescaled the forward's precomputed gradients vs. recomputed them
 # (for tests and benchmarks; never read by the code).
@@ -64,7 +71,7 @@ STATS = {"rescaled": 0, "recomputed": 0}
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "HeadRows", "label_logps", "token_level_stats", "tdpo_loss", "sparsepo_loss",
-    "aligndistil_token_stats", "aligndistil_loss", "check_chunk_size", "fast_bf16_cpu",
+    "aligndistil_token_stats", "aligndistil_loss", "check_chunk_size", "auto_chunk_rows", "fast_bf16_cpu",
 ]
 
 
@@ -103,11 +110,31 @@ class HeadRows:
             raise ValueError(f"{name}.bias has shape {tuple(self.bias.shape)}, expected ({self.weight.shape[0]},)")
 
 
-def check_chunk_size(chunk_size) -> int:
-    """A chunk size must be a positive integer (rows per chunk)."""
+def check_chunk_size(chunk_size) -> int | str:
+    """A chunk size is a positive integer (rows per chunk) or ``"auto"``."""
+    if chunk_size == "auto":
+        return chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer (rows per chunk), got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer (rows per chunk) or 'auto', got {chunk_size!r}")
     return chunk_size
+
+
+def auto_chunk_rows(n_buffers: int, vocab_size: int, bytes_per_value: int = 4) -> int:
+    """Rows whose ``n_buffers`` full ``rows x vocab_size`` buffers fit in :data:`AUTO_CHUNK_BYTES`,
+    rounded down to a multiple of 16 and kept within ``[16, 4096]``.
+
+    E.g. AlignDistil's kernel (3 fp32 buffers): 224 rows at V=49,152, 64 rows at V=151,936.
+    """
+    rows = AUTO_CHUNK_BYTES // max(1, n_buffers * vocab_size * bytes_per_value)
+    rows = rows // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE
+    return int(min(AUTO_CHUNK_MAX, max(AUTO_CHUNK_MULTIPLE, rows)))
+
+
+def _chunk_rows(chunk_size, kernel: "_Kernel", V: int, n_rows: int, low: bool) -> int:
+    """The rows per chunk actually used (never more than there are rows)."""
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_rows(kernel.n_buffers + (1 if low else 0), V)
+    return min(chunk_size, max(n_rows, 1))
 
 
 @functools.lru_cache(maxsize=1)
@@ -276,7 +303,7 @@ class _ReverseKL(_Kernel):
     """
 
     n_buffers = 3
-    small_rows = 32
+    small_rows = 8  # p_neg is softmaxed a few rows at a time: 8 x V, not another chunk buffer
     n_grad = 1
 
     def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
@@ -394,8 +421,9 @@ def _forward_rows(kernel, pol, frozen, labels, extra, chunk_size, row_weight=Non
     N = pol.rows.shape[0]
     V = pol.weight.shape[0]
     device = pol.rows.device
-    c = min(chunk_size, max(N, 1))
-    work = _work(kernel, c, V, [pol.dtype] + [f.dtype for f in frozen], device, pol.acc)
+    mm = [pol.dtype] + [f.dtype for f in frozen]
+    c = _chunk_rows(chunk_size, kernel, V, N, any(d != pol.acc for d in mm))
+    work = _work(kernel, c, V, mm, device, pol.acc)
     outs = None
     grad = _GradAccumulator(pol, want) if row_weight is not None else None
     hint = torch.empty(N, device=device, dtype=pol.acc) if row_weight is not None else None
@@ -498,8 +526,9 @@ class _FusedRows(torch.autograd.Function):
         pol = _Head(hidden, weight, bias)
         N = pol.rows.shape[0]
         V = pol.weight.shape[0]
-        c = min(ctx.chunk_size, max(N, 1))
-        work = _work(kernel, c, V, [pol.dtype] + [f.dtype for f in ctx.frozen], hidden.device, pol.acc)
+        mm = [pol.dtype] + [f.dtype for f in ctx.frozen]
+        c = _chunk_rows(ctx.chunk_size, kernel, V, N, any(d != pol.acc for d in mm))
+        work = _work(kernel, c, V, mm, hidden.device, pol.acc)
         acc = _GradAccumulator(pol, ctx.want)
         for start in range(0, N, c):
             sl = slice(start, min(start + c, N))
@@ -596,7 +625,7 @@ def _same_rows(name: str, z: HeadRows, like: HeadRows) -> None:
 
 # ----------------------------------------------------------------------------- public functions
 def label_logps(z: HeadRows, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False) -> torch.Tensor:
+                chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False) -> torch.Tensor:
     """Fused :func:`aligndistil.logprobs.label_logps`: ``(B, T)`` log-probabilities of ``labels``.
 
     Only rows where ``mask`` is nonzero are computed (0 elsewhere); without a mask every row is.
@@ -611,7 +640,7 @@ def label_logps(z: HeadRows, labels: torch.Tensor, mask: torch.Tensor | None = N
 
 
 def label_logps_group(zs: Sequence[HeadRows], labels: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False) -> list[torch.Tensor]:
+                      chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False) -> list[torch.Tensor]:
     """:func:`label_logps` of several row groups of ONE model (e.g. chosen and rejected) in one
     pass, so that the head-weight gradient is accumulated once, not once per group."""
     if not zs:
@@ -628,7 +657,7 @@ def label_logps_group(zs: Sequence[HeadRows], labels: Sequence[torch.Tensor], ma
 def token_level_stats(
     policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
     chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    *, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
+    *, chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Fused :func:`aligndistil.losses.tdpo.pair_token_stats`: policy and reference label
     log-probs and ``KL(p_ref || p_theta)`` per token for both responses, each ``(B, T)``.
@@ -655,7 +684,7 @@ def token_level_stats(
 def tdpo_loss(
     policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
     chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    *, variant: int, beta: float = 0.1, alpha: float = 0.5, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
+    *, variant: int, beta: float = 0.1, alpha: float = 0.5, chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Fused :func:`aligndistil.losses.tdpo_loss` (same arguments, :class:`HeadRows` for logits)."""
     if variant not in (1, 2):
@@ -674,7 +703,7 @@ def sparsepo_loss(
     chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
     chosen_reward_mask: torch.Tensor, rejected_reward_mask: torch.Tensor,
     chosen_kl_mask: torch.Tensor, rejected_kl_mask: torch.Tensor,
-    *, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0, chunk_size: int | str = DEFAULT_CHUNK_SIZE,
     compile: bool = False,
 ):
     """Fused :func:`aligndistil.losses.sparsepo_loss` (same arguments, :class:`HeadRows` for logits)."""
@@ -700,7 +729,7 @@ def aligndistil_token_stats(
     policy: HeadRows, base: HeadRows, negative: HeadRows, labels: torch.Tensor, mask: torch.Tensor, *,
     alpha: float | torch.Tensor | None = None, r: float | None = None, eps: float = 1e-3,
     row_weight: torch.Tensor | None = None, row_weight_over_alpha: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
+    chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Per-token ``KL(pi_theta || softmax(z*))`` with ``z* = z_base + alpha (z_base - z_neg)``.
 
@@ -761,7 +790,7 @@ def aligndistil_loss(
     policy: HeadRows, base: HeadRows, negative: HeadRows, labels: torch.Tensor, mask: torch.Tensor, *,
     alpha: float | torch.Tensor | None = None, r: float | None = None, eps: float = 1e-3,
     beta0: float = 0.1, weighting: str = "beta_t", beta: float | None = None,
-    tvd: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
+    tvd: torch.Tensor | None = None, chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
 ):
     """Fused AlignDistil loss (Eq. 18/19), the composite teacher built inside each chunk.
 
@@ -816,7 +845,7 @@ def aligndistil_loss(
 
 @torch.no_grad()
 def teacher_tvd(base: HeadRows, negative: HeadRows, mask: torch.Tensor, *,
-                chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                chunk_size: int | str = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """``TVD(softmax(z_base), softmax(z_neg)) = 1/2 sum_v |p_b - p_n|`` per token, ``(B, T)``.
 
     Chunked over the rows where ``mask`` is nonzero (0 elsewhere), never ``B x T x V``;
@@ -834,7 +863,7 @@ def teacher_tvd(base: HeadRows, negative: HeadRows, mask: torch.Tensor, *,
     n = _Head(_rows(negative.hidden, idx), negative.weight, negative.bias)
     N, V = b.rows.shape[0], b.weight.shape[0]
     out = torch.empty(N, dtype=b.acc, device=b.rows.device)
-    c = min(chunk_size, max(N, 1))
+    c = min(auto_chunk_rows(2, V) if chunk_size == "auto" else chunk_size, max(N, 1))
     A = torch.empty(c, V, dtype=b.acc, device=b.rows.device)
     P = torch.empty_like(A)
     for start in range(0, N, c):
