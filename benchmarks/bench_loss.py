@@ -79,9 +79,12 @@ def run_one(case: dict) -> dict:
                 with torch.no_grad():
                     rc, rr = (label_logps(F.linear(h, Wf[0]), labels) for h in hf)
             else:
-                pc, pr = (FL.label_logps(FL.HeadRows(h, W), labels, mask, chunk_size=chunk) for h in hs)
+                # chosen and rejected in one pass, as methods.py does: one head-weight gradient
+                pc, pr = FL.label_logps_group([FL.HeadRows(h, W) for h in hs], [labels, labels], [mask, mask],
+                                              chunk_size=chunk)
                 with torch.no_grad():
-                    rc, rr = (FL.label_logps(FL.HeadRows(h, Wf[0]), labels, mask, chunk_size=chunk) for h in hf)
+                    rc, rr = FL.label_logps_group([FL.HeadRows(h, Wf[0]) for h in hf], [labels, labels], [mask, mask],
+                                                  chunk_size=chunk)
             losses, _ = L.dpo_loss(pc, pr, rc, rr, mask, mask, beta=0.1)
         (losses.sum() / B).backward()
 
