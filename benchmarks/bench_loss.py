@@ -152,10 +152,7 @@ def main(argv=None):
                 r = C.run_case(__file__, case)
                 results.append(r)
                 print(json.dumps({k: r.get(k) for k in ("size", "method", "path", "median_s", "peak_bytes", "error")}), flush=True)
-    command = "python benchmarks/bench_loss.py " + " ".join(sys.argv[1:])
-    j, m = C.write(a.name, {"device": info, "command": command, "results": results}, markdown(results, info, command))
-    print(f"wrote {j} and {m}")
-    print(m.read_text())
+    C.report(a.name, __file__, info, results, markdown)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,6 @@ def write_data(path: Path, tok, n: int, seed: int = 0) -> Path:
 
 # ----------------------------------------------------------------------------- our trainer
 def ours(case: dict, tmp: Path) -> dict:
-    import torch
     from aligndistil.config import RunConfig, apply_overrides
     from aligndistil.trainer import Trainer
     from aligndistil.models import load_tokenizer
@@ -193,7 +192,6 @@ def trl_dpo(case: dict, tmp: Path) -> dict:
 
 
 def trl_gkd(case: dict, tmp: Path) -> dict:
-    import torch
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from aligndistil.data import PreferenceCollator, build_dataset
@@ -288,10 +286,7 @@ def main(argv=None):
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("method", "variant", "median_s", "seconds", "peak_bytes", "error")}),
                   flush=True)
-    command = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
-    j, m = C.write(a.name, {"device": info, "command": command, "results": results}, markdown(results, info, command))
-    print(f"wrote {j} and {m}")
-    print(m.read_text())
+    C.report(a.name, __file__, info, results, markdown)
 
 
 if __name__ == "__main__":

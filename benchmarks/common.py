@@ -187,12 +187,22 @@ def emit(result: dict) -> None:
 
 
 def write(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``results/<name>.json`` and ``.md`` (each via a temp file and a rename)."""
+    from aligndistil.fileio import atomic_write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    j = RESULTS / f"{name}.json"
-    m = RESULTS / f"{name}.md"
-    j.write_text(json.dumps(payload, indent=2) + "\n")
-    m.write_text(markdown)
+    j = atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    m = atomic_write_text(RESULTS / f"{name}.md", markdown)
     return j, m
+
+
+def report(name: str, script: str | Path, info: dict, results: list[dict], markdown) -> None:
+    """Record a benchmark run: the command that reproduces it, the JSON and the Markdown
+    (``markdown(results, info, command)``) under ``results/<name>``; print the Markdown."""
+    command = f"python benchmarks/{Path(script).name} " + " ".join(sys.argv[1:])
+    j, m = write(name, {"device": info, "command": command, "results": results}, markdown(results, info, command))
+    print(f"wrote {j} and {m}")
+    print(m.read_text())
 
 
 def gb(x: float | None) -> str:

@@ -63,11 +63,10 @@ def main(argv=None):
     text = (f"{a.method} ({a.loss_path}) one step: {wall:.2f} s wall under the profiler; "
             f"{info.get('gpu') or info['cpu']}, torch {info['torch']}, {info['date']}\n"
             f"Command: python benchmarks/profile_step.py {' '.join(sys.argv[1:])}\n\n{table}\n")
-    out = HERE / "results" / f"profile-{a.method}-{a.loss_path}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".txt.tmp")
-    tmp_out.write_text(text)
-    tmp_out.replace(out)
+    from aligndistil.fileio import atomic_write_text
+
+    C.RESULTS.mkdir(parents=True, exist_ok=True)
+    out = atomic_write_text(C.RESULTS / f"profile-{a.method}-{a.loss_path}.txt", text)
     print(text)
     print(f"wrote {out}")
 

@@ -45,7 +45,10 @@ def main(argv=None):
                 r["auto_rows"] = FL.auto_chunk_rows(FL._ReverseKL.n_buffers, r["V"])
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("size", "chunk_size", "median_s", "peak_bytes", "error")}), flush=True)
-    command = "python benchmarks/sweep_chunk.py " + " ".join(sys.argv[1:])
+    C.report(a.name, __file__, info, results, markdown)
+
+
+def markdown(results: list[dict], info: dict, command: str) -> str:
     rows = []
     for r in results:
         if "error" in r:
@@ -55,15 +58,12 @@ def main(argv=None):
         busy = r.get("other_load") or 0
         rows.append([r["size"], ch, f"{r['median_s']:.2f}", " ".join(f"{s:.2f}" for s in r["seconds"]),
                      C.gb(r["peak_bytes"]), f"CONTENDED {busy:.2f} cores" if busy >= 0.3 else ""])
-    md = "\n".join([
+    return "\n".join([
         "# Fused AlignDistil loss: chunk size sweep (B=4 x 256 response rows, forward + backward)\n",
         f"Device: {info.get('gpu') or info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
         f"torch {info['torch']}, {info['date']}. Command: `{command}`\n",
         C.table(["head", "chunk rows", "median s", "reps s", "peak GB", "note"], rows),
     ]) + "\n"
-    j, m = C.write(a.name, {"device": info, "command": command, "results": results}, md)
-    print(f"wrote {j} and {m}")
-    print(m.read_text())
 
 
 if __name__ == "__main__":

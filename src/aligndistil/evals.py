@@ -40,6 +40,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .fileio import atomic_write_text
+
 __all__ = [
     "EvalError",
     "mean_ci95",
@@ -270,10 +272,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def evaluate(
@@ -447,7 +445,7 @@ def evaluate(
         res["run"] = _run_info(str(path))
         res["seconds"] = round(time.time() - t0, 1)
         results["models"][name] = res
-        _atomic_write(out_dir / "samples" / f"{name}.jsonl",
+        atomic_write_text(out_dir / "samples" / f"{name}.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         if lm is not ref_lm and not any(lm is o for o in others.values()):
             loaded.pop(_key(path), None)
@@ -472,8 +470,8 @@ def evaluate(
             results["plots"]["training_curves"] = str(plot_training_curves(curves, out_dir / "training_curves.png"))
             results["plots"]["training_curve_runs"] = list(curves)
     table = format_table(results)
-    _atomic_write(out_dir / "results.md", table)
-    _atomic_write(out_dir / "results.json", json.dumps(results, indent=2) + "\n")  # last: marks the report complete
+    atomic_write_text(out_dir / "results.md", table)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")  # last: marks the report complete
     return results
 
 

@@ -25,6 +25,8 @@ import os
 import time
 from pathlib import Path
 
+from .fileio import atomic_write_text
+
 __all__ = ["PrefsError", "make_prefs", "meta_path", "prefs_complete", "prefs_settings"]
 
 META_SUFFIX = ".meta.json"
@@ -77,10 +79,6 @@ def prefs_complete(out: str | os.PathLike, settings: dict | None = None) -> bool
     return n_lines == info.get("counts", {}).get("n_pairs")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def make_prefs(
@@ -221,8 +219,8 @@ def make_prefs(
         "seconds": round(time.time() - started, 1),
         "data": out.name,
     }
-    _atomic_write(out, "\n".join(lines) + "\n")
-    _atomic_write(meta_path(out), json.dumps(info, indent=2) + "\n")  # last: marks the output complete
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(meta_path(out), json.dumps(info, indent=2) + "\n")  # last: marks the output complete
     log(f"[make-prefs] {out}: {counts['n_pairs']} pairs from {counts['n_prompts']} prompts x {k} samples "
         f"({counts['n_ties']} ties, {counts['n_too_few']} too few, {counts['n_identical']} identical skipped); "
         f"sample reward {mean:+.3f} +- {half:.3f}; {info['seconds']} s")

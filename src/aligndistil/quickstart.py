@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, load_yaml
+from .fileio import atomic_write_text
 
 __all__ = ["QUICKSTART_KEYS", "default_config", "load_quickstart", "run_quickstart", "write_pipeline"]
 
@@ -158,11 +159,8 @@ def write_pipeline(spec: dict, train_file: str | os.PathLike, path: str | os.Pat
     base.setdefault("data", {})["train_file"] = str(train_file)
     pipe = {"output_dir": str(spec.get("output_dir") or "outputs/quickstart"), "base": base, "stages": stages}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("# Written by `aligndistil quickstart` from " + spec["_source"] + "\n"
-                   + yaml.safe_dump(pipe, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "# Written by `aligndistil quickstart` from " + spec["_source"] + "\n"
+                             + yaml.safe_dump(pipe, sort_keys=False))
 
 
 def _reward_model(spec: dict, out_dir: Path, policy: str, train_pairs: Path, progress: bool, log) -> str:
@@ -179,9 +177,7 @@ def _reward_model(spec: dict, out_dir: Path, policy: str, train_pairs: Path, pro
     train_reward_model(policy, train_pairs, folder, progress=progress, log=log, **settings)
     info = json.loads(marker.read_text())
     info["quickstart_settings"] = settings
-    tmp = folder / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, marker)
+    atomic_write_text(marker, json.dumps(info, indent=2) + "\n")
     return f"bt:{folder}"
 
 
@@ -253,9 +249,7 @@ def run_quickstart(config: str | os.PathLike, overrides: list[str] | None = None
     summary = {"config": spec["_source"], "overrides": overrides or [], "timings_s": timings,
                "train_pairs": str(train_pairs), "heldout_pairs": str(heldout_pairs) if heldout_pairs else None,
                "pipeline": str(pipe_path), "eval": str(out_dir / "eval")}
-    tmp = out_dir / ".quickstart.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out_dir / "quickstart.json")
+    atomic_write_text(out_dir / "quickstart.json", json.dumps(summary, indent=2) + "\n")
     log("")
     log(format_table(res))
     log(f"[quickstart] done in {timings['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')}); "

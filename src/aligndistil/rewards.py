@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import math
-from numbers import Real
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 __all__ = [

@@ -17,6 +17,8 @@ import shutil
 import string
 from pathlib import Path
 
+from .fileio import atomic_write_text
+
 CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,!?'-:\n"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (
@@ -89,10 +91,7 @@ def write_tiny_prefs(path: str | os.PathLike, n: int = 32, seed: int = 0, chat: 
         else:
             rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         lines.append(json.dumps(rec))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_tiny_kto(path: str | os.PathLike, n: int = 32, seed: int = 0) -> Path:
@@ -106,10 +105,7 @@ def write_tiny_kto(path: str | os.PathLike, n: int = 32, seed: int = 0) -> Path:
         word = rng.choice(POSITIVE if good else NEGATIVE)
         lines.append(json.dumps({"prompt": f"Review {SUBJECTS[i % len(SUBJECTS)]}:",
                                  "completion": f"It was {word}.", "label": good}))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def make_tiny_workspace(root: str | os.PathLike, seed: int = 0) -> dict:

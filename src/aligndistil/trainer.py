@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 from .config import RunConfig, dump_config, parse_chunk_size
+from .fileio import atomic_write_text
 from .losses import sequence_mean
 from .methods import Method, StepContext, get_method
 from .modeling import unwrap
@@ -42,13 +42,6 @@ COMPLETE = "COMPLETE.json"
 
 
 # ----------------------------------------------------------------------------- small helpers
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temp file and rename, so it is never left half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_model_folder(model, tokenizer, out_dir: Path) -> None:
     """Save an HF model folder (safetensors) atomically per file: temp folder, then rename."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +115,7 @@ class Trainer:
                 raise ValueError(f"train.{name} must be > 0")
         if t.loss_path not in ("fused", "plain"):
             raise ValueError(f"train.loss_path must be fused or plain, got {t.loss_path!r}")
-        parse_chunk_size(t.chunk_size)
+        self.chunk_size = parse_chunk_size(t.chunk_size)  # parsed once; "auto" or rows per chunk
         if t.teacher_cache:
             from . import teacher_cache as TC
 
@@ -236,7 +229,7 @@ class Trainer:
                 tvd = ("dpo_model", "reverse_dpo_model") if {"dpo_model", "reverse_dpo_model"} <= set(roles) else None
                 TC.build(folder, models=models, features=self.features, collator=self.collator,
                          kind=self.method.batch, fp=fp, tvd_roles=tvd, batch_size=cfg.train.per_device_batch_size,
-                         chunk_size=parse_chunk_size(cfg.train.chunk_size), device=acc.device, log=self._log)
+                         chunk_size=self.chunk_size, device=acc.device, log=self._log)
                 del models
             cache = TC.TeacherCache(folder, fp, device=acc.device)
         pv = self.policy.get_output_embeddings().weight.shape[0]
@@ -342,7 +335,7 @@ class Trainer:
             policy=self.policy, frozen=self.frozen, cfg=self.cfg.method, modules=self.modules,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             all_mean=lambda x: acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x,
-            loss_path=self.cfg.train.loss_path, chunk_size=parse_chunk_size(self.cfg.train.chunk_size),
+            loss_path=self.cfg.train.loss_path, chunk_size=self.chunk_size,
             compile_loss=self.cfg.train.compile_loss,
             cache=getattr(self, "cache", None),
         )

@@ -46,10 +46,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import check_mask, check_nonnegative, check_positive
 from .aligndistil import aligndistil_loss_from_token_kl, token_weights
