@@ -31,9 +31,9 @@ def run_one(case: dict) -> dict:
     import torch.nn.functional as F
 
     from aligndistil import losses as L
-    from aligndistil.logprobs import label_logps
+    from aligndistil.losses.ops import label_logps
     from aligndistil.losses import fused as FL
-    from aligndistil.methods import aligndistil_plain_loss
+    from aligndistil.train.methods import aligndistil_plain_loss
 
     torch.manual_seed(0)
     dev = C.device()

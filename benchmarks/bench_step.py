@@ -76,8 +76,8 @@ def write_data(path: Path, tok, n: int, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------- our trainer
 def ours(case: dict, tmp: Path) -> dict:
     from aligndistil.config import RunConfig, apply_overrides
-    from aligndistil.trainer import Trainer
-    from aligndistil.models import load_tokenizer
+    from aligndistil.train.loop import Trainer
+    from aligndistil.model.loading import load_tokenizer
 
     data = write_data(tmp / "data.jsonl", load_tokenizer("smollm2"), n=4 * (case["steps"] + 2))
     variant = case["variant"]
@@ -172,7 +172,7 @@ def _trl_common(case, tmp):
 def trl_dpo(case: dict, tmp: Path) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
-    from aligndistil.models import load_causal_lm, load_tokenizer
+    from aligndistil.model.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer("smollm2")
     data = write_data(tmp / "data.jsonl", tok, n=4 * (case["steps"] + 2))
@@ -195,7 +195,7 @@ def trl_gkd(case: dict, tmp: Path) -> dict:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
     from aligndistil.data import PreferenceCollator, build_dataset
-    from aligndistil.models import load_causal_lm, load_tokenizer
+    from aligndistil.model.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer("smollm2")
     data = write_data(tmp / "data.jsonl", tok, n=4 * (case["steps"] + 2))

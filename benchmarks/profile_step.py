@@ -34,8 +34,8 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     from aligndistil.config import RunConfig, apply_overrides
-    from aligndistil.models import load_tokenizer
-    from aligndistil.trainer import Trainer
+    from aligndistil.model.loading import load_tokenizer
+    from aligndistil.train.loop import Trainer
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:

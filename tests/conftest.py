@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny_ws(tmp_path_factory):
     """``{"model", "prefs", "kto", "model2"}``: a random 2-layer Llama, 32 pairs, 32 unpaired
     examples, and a second model with other weights (same vocabulary) to play a teacher."""
-    from aligndistil.tiny import build_tiny_model, make_tiny_workspace
+    from aligndistil.model.tiny import build_tiny_model, make_tiny_workspace
 
     root = tmp_path_factory.mktemp("tiny")
     ws = make_tiny_workspace(root)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from aligndistil.config import ConfigError, RunConfig, apply_overrides, from_dict, load_config
-from aligndistil.methods import get_method
-from aligndistil.pipeline import load_pipeline
+from aligndistil.train.methods import get_method
+from aligndistil.workflows.pipeline import load_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("configs", "tiny"))
@@ -37,7 +37,7 @@ def test_shipped_pipeline_is_valid(path, tmp_path):
 
     if "prefs" in yaml.safe_load(path.read_text()):
         # A quickstart file: it makes its preference pairs first, then writes a plain pipeline.
-        from aligndistil.quickstart import load_quickstart, write_pipeline
+        from aligndistil.workflows.quickstart import load_quickstart, write_pipeline
 
         spec, _ = load_quickstart(path)
         path = write_pipeline(spec, tmp_path / "pairs.jsonl", tmp_path / "pipeline.yaml")

@@ -158,19 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError, help_text, load_config
+    from aligndistil.config import ConfigError, help_text, load_config
 
     try:
         if args.command == "config-help":
             print(help_text())
             return 0
         if args.command == "make-tiny":
-            from .tiny import make_tiny_workspace
+            from aligndistil.model.tiny import make_tiny_workspace
 
             print(json.dumps(make_tiny_workspace(args.out, seed=args.seed), indent=2))
             return 0
         if args.command == "make-prefs":
-            from .prefs import make_prefs
+            from aligndistil.workflows.make_prefs import make_prefs
 
             make_prefs(args.model, args.prompts, args.out, reward=args.reward, k=args.k,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                        progress=not args.no_progress, skip_if_complete=args.skip_if_complete)
             return 0
         if args.command == "eval":
-            from .evals import evaluate
+            from aligndistil.workflows.evaluate import evaluate
 
             res = evaluate(_parse_models(args.models), reference=args.reference, out_dir=args.out,
                            dpo_model=args.dpo_model, reverse_dpo_model=args.reverse_dpo_model, prompts=args.prompts,
@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                            seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
                            use_chat_template=not args.no_chat_template, plots=not args.no_plots,
                            runs=_parse_models(args.runs) if args.runs else None, progress=not args.no_progress)
-            from .evals import format_table
+            from aligndistil.workflows.evaluate import format_table
 
             print(format_table(res))
             return 0
         if args.command == "train-rm":
-            from .reward_model import train_reward_model
+            from aligndistil.rewards.bradley_terry import train_reward_model
 
             train_reward_model(args.model, args.pairs, args.out, steps=args.steps, epochs=args.epochs,
                                learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
@@ -201,19 +201,19 @@ def main(argv: list[str] | None = None) -> int:
                                progress=not args.no_progress)
             return 0
         if args.command == "quickstart":
-            from .quickstart import default_config, run_quickstart
+            from aligndistil.workflows.quickstart import default_config, run_quickstart
 
             run_quickstart(args.config or default_config(), args.overrides, model=args.model, output_dir=args.out,
                            progress=not args.no_progress)
             return 0
         if args.command == "train":
-            from .trainer import train
+            from aligndistil.train.loop import train
 
             cfg = load_config(args.config, args.overrides)
             train(cfg, resume=args.resume)
             return 0
         if args.command == "pipeline":
-            from .pipeline import run_pipeline, stage_summary
+            from aligndistil.workflows.pipeline import run_pipeline, stage_summary
 
             if args.dry_run:
                 print(json.dumps(stage_summary(args.config), indent=2))
@@ -227,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aligndistil: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - map known failure kinds to exit codes
-        from .evals import EvalError
-        from .models import ModelLoadError
-        from .prefs import PrefsError
-        from .rewards import RewardError
-        from .trainer import TrainingError
+        from aligndistil.workflows.evaluate import EvalError
+        from aligndistil.model.loading import ModelLoadError
+        from aligndistil.workflows.make_prefs import PrefsError
+        from aligndistil.rewards import RewardError
+        from aligndistil.train.loop import TrainingError
 
         if isinstance(e, TrainingError):
             print(f"aligndistil: training stopped: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _spec_naive as naive
-from aligndistil.logprobs import token_tvd
+from aligndistil.losses.ops import token_tvd
 from aligndistil.losses import (
     adaptive_alpha,
     aligndistil_loss,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import _spec_naive as naive
-from aligndistil.logprobs import label_logps
+from aligndistil.losses.ops import label_logps
 from aligndistil.losses import dpo_loss, dpop_loss, ipo_loss, kto_loss, simpo_loss
 
 F64 = torch.float64

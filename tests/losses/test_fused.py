@@ -16,11 +16,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aligndistil.config import MethodConfig
 from aligndistil.data import PreferenceCollator
-from aligndistil.logprobs import label_logps, token_kl
+from aligndistil.losses.ops import label_logps, token_kl
 from aligndistil import losses as L
 from aligndistil.losses import fused as FL
-from aligndistil.methods import StepContext, get_method
-from aligndistil.modeling import response_outputs
+from aligndistil.train.methods import StepContext, get_method
+from aligndistil.model.outputs import response_outputs
 
 V, D = 37, 16
 CHUNKS = [1, 3, 7, 4096, "auto"]
@@ -311,7 +311,7 @@ def test_teacher_with_another_vocabulary_or_rows():
 
 
 def test_trainer_refuses_bad_fused_settings(tiny_ws, tmp_path):
-    from aligndistil.trainer import Trainer
+    from aligndistil.train.loop import Trainer
     from test_methods import make_cfg
 
     for bad in ("0", "-2", "1.5", "big"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligndistil.logprobs import token_kl
+from aligndistil.losses.ops import token_kl
 from aligndistil.losses import aligndistil_loss, sequence_mean, tdpo_loss, token_mean
 
 F64 = torch.float64

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _spec_naive as naive
-from aligndistil.logprobs import label_logps
+from aligndistil.losses.ops import label_logps
 from aligndistil.losses import tdpo_loss
 
 F64 = torch.float64

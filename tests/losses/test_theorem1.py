@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 
-from aligndistil.logprobs import label_logps, token_kl
+from aligndistil.losses.ops import label_logps, token_kl
 from aligndistil.losses import aligndistil_loss, aligndistil_teacher_logits, contrastive_alpha, vanilla_alpha
 
 F64 = torch.float64

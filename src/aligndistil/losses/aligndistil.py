@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..logprobs import token_tvd
-from ._checks import check_finite, check_logits, check_nonnegative, check_positive
+from aligndistil.losses.ops import token_tvd
+from aligndistil.losses.checks import check_finite, check_logits, check_nonnegative, check_positive
 
 WEIGHTINGS = ("beta_t", "uniform")
 

@@ -2,7 +2,7 @@
 
 These are the baselines the token-level papers compare against. They only need the
 log-probability of each response token, so they take per-token log-probs ``(B, T)`` with a
-response mask (the output of :func:`aligndistil.logprobs.label_logps` on aligned logits), or
+response mask (the output of :func:`aligndistil.model.outputs.label_logps` on aligned logits), or
 already-summed sequence log-probs ``(B,)`` when the mask is ``None``.
 
 Every function returns ``(losses, metrics)``: ``losses`` is ``(B,)``, one value per pair
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_finite, check_nonnegative, check_positive, check_same_shape, check_token_logps
+from aligndistil.losses.checks import check_finite, check_nonnegative, check_positive, check_same_shape, check_token_logps
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

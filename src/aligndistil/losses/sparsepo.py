@@ -11,7 +11,7 @@ with ``m_u = m_d = 1`` it is exactly TDPO1. The masks come from the REFERENCE mo
 
 Masks are per response token and must be aligned the same way as the logits (the hidden
 state at the position that PREDICTS token ``t``), so pass hidden states through
-:func:`aligndistil.logprobs.align_to_response` first.
+:func:`aligndistil.model.outputs.align_to_response` first.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ._checks import check_mask, check_nonnegative, check_positive
-from .tdpo import _check_pair_logits, pair_token_stats, token_level_dpo_from_stats
+from aligndistil.losses.checks import check_mask, check_nonnegative, check_positive
+from aligndistil.losses.tdpo import _check_pair_logits, pair_token_stats, token_level_dpo_from_stats
 
 
 def sparsepo_loss(

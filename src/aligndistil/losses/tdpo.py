@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..logprobs import label_logps, token_kl
-from ._checks import check_labels, check_logits, check_nonnegative, check_positive
+from aligndistil.losses.ops import label_logps, token_kl
+from aligndistil.losses.checks import check_labels, check_logits, check_nonnegative, check_positive
 
 
 def token_level_dpo_from_stats(

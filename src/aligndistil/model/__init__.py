@@ -1,0 +1,1 @@
+"""Causal LMs: loading, outputs aligned to response tokens, sampling."""

@@ -1,0 +1,1 @@
+"""The one training loop, the method registry and the teacher cache."""

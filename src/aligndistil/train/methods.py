@@ -1,0 +1,357 @@
+"""Each training method as a small declaration: models, batch, loss.
+
+A :class:`Method` says which frozen models it needs (by role: ``reference``, ``dpo_model``,
+``reverse_dpo_model``), which batch it takes (``pairs``, ``sft`` = prompt + response,
+``unpaired``, ``prompt``), how its loss is normalised (per sequence or per token), and a
+``loss`` function that turns model outputs into per-sequence losses and metrics by calling
+the pure functions of :mod:`aligndistil.losses`. The one training loop in
+:mod:`aligndistil.train.loop` runs every method; methods never touch optimisers, data order
+or devices, so adding a method means adding a declaration here, not a trainer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from aligndistil import losses as L
+from aligndistil.config import MethodConfig
+from aligndistil.model.sampling import sample_responses
+from aligndistil.losses.ops import label_logps, token_tvd
+from aligndistil.losses import fused as FL
+from aligndistil.model.outputs import ResponseOutputs, pad_right, pair_outputs, response_outputs, unwrap
+
+ROLES = ("reference", "dpo_model", "reverse_dpo_model")
+
+
+@dataclass
+class StepContext:
+    """What a method's loss may use in one micro-batch.
+
+    Attributes:
+        policy: the trained model (possibly wrapped for distributed training).
+        frozen: role -> frozen model (eval mode, no gradients).
+        cfg: the method's hyper-parameters.
+        modules: extra trainable modules (SparsePO mask) by name.
+        pad_token_id, eos_token_id: for on-policy sampling.
+        all_mean: averages a scalar tensor over data-parallel ranks (identity on one process).
+        loss_path: ``"fused"`` (chunked losses from hidden states, never ``B x T x V``) or
+            ``"plain"`` (full logits; the reference implementation).
+        chunk_size: rows per chunk on the fused path.
+        compile_loss: run the fused path's element-wise chunk body under ``torch.compile``.
+        cache: a :class:`aligndistil.train.teacher_cache.TeacherCache` serving frozen models'
+            outputs from disk (those roles are then absent from ``frozen``), or None.
+    """
+
+    policy: nn.Module
+    frozen: dict
+    cfg: MethodConfig
+    modules: dict = field(default_factory=dict)
+    pad_token_id: int = 0
+    eos_token_id: object = None
+    all_mean: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    loss_path: str = "fused"
+    chunk_size: int = FL.DEFAULT_CHUNK_SIZE
+    compile_loss: bool = False
+    cache: object = None
+
+    @property
+    def fused(self) -> bool:
+        return self.loss_path == "fused"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method. See the module docstring."""
+
+    name: str
+    batch: str
+    frozen: tuple = ()
+    normaliser: str = "sequences"
+    loss: Callable = None
+    prepare: Callable | None = None  # batch -> batch, before counting (on-policy sampling)
+    make_modules: Callable | None = None  # (policy, cfg) -> {name: nn.Module}
+
+    def count(self, batch: dict) -> int:
+        """This batch's share of the optimizer step's normaliser (sequences or tokens)."""
+        if self.normaliser == "tokens":
+            key = "response_mask" if "response_mask" in batch else "chosen_response_mask"
+            # response_mask marks response tokens; all of them are predicted (position 0 never is one).
+            return int(batch[key].sum())
+        key = "input_ids" if "input_ids" in batch else "chosen_input_ids"
+        return int(batch[key].shape[0])
+
+
+# --------------------------------------------------------------------------- outputs and paths
+# Every loss below is written once: it asks for model outputs, turns them into loss inputs
+# with `_inputs` (full logits on the plain path, `FL.HeadRows` on the fused path) and calls
+# the loss that `_pick` chose for that path. The fused losses mirror the plain ones'
+# arguments, so a method never branches on the path itself.
+
+
+def _frozen_outputs(ctx: StepContext, role: str, batch_or_pair, pair: bool, **kw):
+    """A frozen model's outputs: from the teacher cache when it holds ``role``, else a forward."""
+    if ctx.cache is not None and ctx.cache.has(role) and not kw:
+        return ctx.cache.outputs(role, batch_or_pair, pair)
+    model = ctx.frozen[role]
+    with torch.no_grad():
+        if pair:
+            return pair_outputs(model, batch_or_pair, compute_logits=not ctx.fused, **kw)
+        return response_outputs(model, batch_or_pair["input_ids"], batch_or_pair["attention_mask"],
+                                batch_or_pair["response_mask"], compute_logits=not ctx.fused, **kw)
+
+
+def _single(ctx: StepContext, batch: dict, **kw) -> ResponseOutputs:
+    return response_outputs(ctx.policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                            compute_logits=not ctx.fused, **kw)
+
+
+def _policy_pair(ctx: StepContext, batch: dict, **kw):
+    return pair_outputs(ctx.policy, batch, compute_logits=not ctx.fused, **kw)
+
+
+def _inputs(*outs: ResponseOutputs) -> tuple[list, bool]:
+    """Loss inputs for ``outs`` and whether they are fused: ``HeadRows`` when every output
+    has a linear head and no logits, else full logits for all (the plain path)."""
+    if all(o.logits is None and o.head is not None for o in outs):
+        return [FL.HeadRows(o.hidden, *o.head) for o in outs], True
+    return [o.head_logits() for o in outs], False
+
+
+def _pick(ctx: StepContext, fused: bool, plain_fn: Callable, fused_fn: Callable) -> Callable:
+    """The plain loss, or its fused counterpart with this run's chunk size."""
+    return functools.partial(fused_fn, chunk_size=ctx.chunk_size, compile=ctx.compile_loss) if fused else plain_fn
+
+
+def _plain_logps(zs, labels, masks):
+    return [label_logps(z, y) for z, y in zip(zs, labels)]
+
+
+def _logps(ctx: StepContext, *outs: ResponseOutputs) -> list[torch.Tensor]:
+    """``(B, T)`` label log-probs of the response tokens of each of ``outs`` (outputs of one
+    model; fused: in one pass)."""
+    zs, fused = _inputs(*outs)
+    fn = _pick(ctx, fused, _plain_logps, FL.label_logps_group)
+    return fn(zs, [o.labels for o in outs], [o.mask for o in outs])
+
+
+# --------------------------------------------------------------------------- SFT
+def sft_loss(ctx: StepContext, batch: dict):
+    """NLL of the response tokens; normalised per token over the optimizer step."""
+    out = _single(ctx, batch)
+    nll = -(_logps(ctx, out)[0] * out.mask).sum(-1)
+    return nll, {"nll/sequence": nll.detach(), "response_length": out.mask.sum(-1)}
+
+
+# --------------------------------------------------------------------------- DPO family
+def _pair_logps(ctx: StepContext, batch: dict, with_reference: bool = True):
+    pc, pr = _policy_pair(ctx, batch)
+    lp = tuple(_logps(ctx, pc, pr))
+    if not with_reference:
+        return lp, (None, None), (pc.mask, pr.mask)
+    rc, rr = _frozen_outputs(ctx, "reference", batch, pair=True)
+    with torch.no_grad():
+        ref = tuple(_logps(ctx, rc, rr))
+    return lp, ref, (pc.mask, pr.mask)
+
+
+def dpo_family_loss(fn, **extra):
+    def loss(ctx: StepContext, batch: dict):
+        (pc, pr), (rc, rr), (mc, mr) = _pair_logps(ctx, batch)
+        kw = {k: getattr(ctx.cfg, v) for k, v in extra.items()}
+        return fn(pc, pr, rc, rr, mc, mr, beta=ctx.cfg.beta, **kw)
+    return loss
+
+
+def simpo_step(ctx: StepContext, batch: dict):
+    (pc, pr), _, (mc, mr) = _pair_logps(ctx, batch, with_reference=False)
+    return L.simpo_loss(pc, pr, mc, mr, beta=ctx.cfg.beta, gamma=ctx.cfg.gamma)
+
+
+def _mismatched(batch: dict, pad_token_id: int) -> dict:
+    """Prompt ``i`` with the completion of example ``i+1``: KTO's KL reference-point sample."""
+    ids, att, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    B = ids.shape[0]
+    prompts = [ids[i][att[i].bool() & ~resp[i].bool()] for i in range(B)]
+    completions = [ids[i][resp[i].bool()] for i in range(B)]
+    seqs, rmasks = [], []
+    for i in range(B):
+        c = completions[(i + 1) % B]
+        seqs.append(torch.cat([prompts[i], c]))
+        rmasks.append(torch.cat([torch.zeros_like(prompts[i]), torch.ones_like(c)]))
+    new_ids = pad_right(seqs, pad_token_id)
+    return {
+        "input_ids": new_ids,
+        "attention_mask": pad_right([torch.ones_like(s) for s in seqs], 0, new_ids.shape[1]),
+        "response_mask": pad_right(rmasks, 0, new_ids.shape[1]),
+    }
+
+
+def kto_step(ctx: StepContext, batch: dict):
+    out = _single(ctx, batch)
+    ref = _frozen_outputs(ctx, "reference", batch, pair=False)
+    mism = _mismatched(batch, ctx.pad_token_id)
+    with torch.no_grad():
+        # z0 estimates KL(pi_theta || pi_ref) from mismatched pairs, averaged over ranks;
+        # KTO detaches it (no gradient through the reference point).
+        pm = _single(ctx, mism)
+        rm = _frozen_outputs(ctx, "reference", mism, pair=False)
+        kl = ((_logps(ctx, pm)[0] - _logps(ctx, rm)[0]) * pm.mask).sum(-1).mean()
+        z0 = ctx.all_mean(kl)
+        ref_logps = _logps(ctx, ref)[0]
+    return L.kto_loss(
+        _logps(ctx, out)[0], ref_logps, out.mask,
+        batch["label"], z0, beta=ctx.cfg.beta,
+        desirable_weight=ctx.cfg.desirable_weight, undesirable_weight=ctx.cfg.undesirable_weight,
+    )
+
+
+# --------------------------------------------------------------------------- TDPO / SparsePO / MaPO
+def _token_level_outputs(ctx: StepContext, batch: dict, **ref_kw):
+    pc, pr = _policy_pair(ctx, batch)
+    rc, rr = _frozen_outputs(ctx, "reference", batch, pair=True, **ref_kw)
+    return pc, pr, rc, rr
+
+
+def tdpo_step(variant: int):
+    def loss(ctx: StepContext, batch: dict):
+        pc, pr, rc, rr = _token_level_outputs(ctx, batch)
+        zs, fused = _inputs(pc, pr, rc, rr)
+        fn = _pick(ctx, fused, L.tdpo_loss, FL.tdpo_loss)
+        return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask, variant=variant, beta=ctx.cfg.beta, alpha=ctx.cfg.alpha)
+    return loss
+
+
+def sparsepo_step(ctx: StepContext, batch: dict):
+    pc, pr, rc, rr = _token_level_outputs(ctx, batch, all_hidden=True)
+    mask_net = ctx.modules["mask"]
+    mu_c, md_c = mask_net(rc.all_hidden)
+    mu_r, md_r = mask_net(rr.all_hidden)
+    zs, fused = _inputs(pc, pr, rc, rr)
+    fn = _pick(ctx, fused, L.sparsepo_loss, FL.sparsepo_loss)
+    return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask,
+              mu_c * pc.mask, mu_r * pr.mask, md_c * pc.mask, md_r * pr.mask,
+              beta=ctx.cfg.beta, lambda_u=ctx.cfg.lambda_u, lambda_d=ctx.cfg.lambda_d)
+
+
+def make_sparsepo_mask(policy: nn.Module, cfg: MethodConfig) -> dict:
+    conf = unwrap(policy).config
+    return {"mask": L.SparsePOMask(conf.num_hidden_layers + 1, conf.hidden_size, shared=cfg.mask_shared)}
+
+
+def mapo_step(ctx: StepContext, batch: dict):
+    pc, pr, rc, rr = _token_level_outputs(ctx, batch, activations=True)
+    m_c = L.mapo_mask(rc.activations, pc.mask)
+    m_r = L.mapo_mask(rr.activations, pr.mask)
+    zs, fused = _inputs(pc, pr, rc, rr)
+    fn = _pick(ctx, fused, L.sparsepo_loss, FL.sparsepo_loss)
+    return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask, m_c, m_r, m_c, m_r,
+              beta=ctx.cfg.beta, lambda_u=0.0, lambda_d=0.0)
+
+
+# --------------------------------------------------------------------------- AlignDistil
+TEACHERS = ("vanilla", "contrastive", "adaptive", "constant")
+MODES = ("off_policy", "on_policy")
+
+
+def teacher_alpha(cfg: MethodConfig) -> tuple[float | None, float | None]:
+    """``(alpha, beta)`` of the configured teacher: ``alpha`` None means adaptive (per token);
+    ``beta`` is the vanilla teacher's constant token weight (Eq. 11), else None."""
+    if cfg.teacher == "vanilla":
+        return L.vanilla_alpha(cfg.beta0, cfg.beta), cfg.beta
+    if cfg.teacher == "contrastive":
+        return L.contrastive_alpha(cfg.beta0, cfg.beta), None
+    if cfg.teacher == "constant":
+        return cfg.alpha, None
+    return None, None
+
+
+def negative_role(cfg: MethodConfig) -> str:
+    """The teacher's negative model: the reference (vanilla) or the reverse-DPO model."""
+    return "reference" if cfg.teacher == "vanilla" else "reverse_dpo_model"
+
+
+def aligndistil_plain_loss(policy_logits, base_logits, negative_logits, labels, mask, *, alpha, r, eps, beta0,
+                           weighting, beta=None, tvd=None):
+    """The plain (reference) AlignDistil loss on full logits; same arguments as
+    :func:`aligndistil.losses.fused.aligndistil_loss`. ``alpha`` None: adaptive, from
+    ``tvd`` when given (teacher cache), else from the teachers' logits."""
+    extra = {}
+    if alpha is None:
+        if tvd is None:
+            alpha = L.adaptive_alpha(base_logits, negative_logits, r=r, eps=eps)
+            tvd = (alpha - eps) / r if r > 0 else token_tvd(base_logits, negative_logits)
+        else:
+            alpha = r * tvd + eps
+        extra["tvd/mean"] = (tvd * mask).sum(-1) / mask.sum(-1)
+    teacher = L.aligndistil_teacher_logits(base_logits, negative_logits, alpha)
+    losses, metrics = L.aligndistil_loss(policy_logits, teacher, mask, alpha=None if beta else alpha,
+                                         beta0=beta0, weighting=weighting, beta=beta)
+    metrics.update(extra)
+    return losses, metrics
+
+
+def aligndistil_step(ctx: StepContext, batch: dict):
+    """Eq. 18/19: reverse KL to the composite teacher at every response token."""
+    cfg = ctx.cfg
+    pol = _single(ctx, batch)
+    dpo = _frozen_outputs(ctx, "dpo_model", batch, pair=False)
+    neg = _frozen_outputs(ctx, negative_role(cfg), batch, pair=False)
+    alpha, beta = teacher_alpha(cfg)
+    tvd = ctx.cache.tvd(batch, pol.mask) if alpha is None and ctx.cache is not None and ctx.cache.has_tvd else None
+    zs, fused = _inputs(pol, dpo, neg)
+    fn = _pick(ctx, fused, aligndistil_plain_loss, FL.aligndistil_loss)
+    return fn(*zs, pol.labels, pol.mask, alpha=alpha, r=cfg.r, eps=cfg.eps, beta0=cfg.beta0,
+              weighting=cfg.weighting, beta=beta, tvd=tvd)
+
+
+def on_policy_prepare(ctx: StepContext, batch: dict) -> dict:
+    """Replace a prompt batch by responses sampled from the current policy (no gradient)."""
+    cfg = ctx.cfg
+    return sample_responses(
+        ctx.policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        num_samples=cfg.num_samples, eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+_STATIC = {
+    "sft": Method("sft", "sft", (), "tokens", sft_loss),
+    "dpo": Method("dpo", "pairs", ("reference",), "sequences", None),  # built per cfg (reverse)
+    "ipo": Method("ipo", "pairs", ("reference",), "sequences", dpo_family_loss(L.ipo_loss)),
+    "dpop": Method("dpop", "pairs", ("reference",), "sequences", dpo_family_loss(L.dpop_loss, lambda_="lambda_")),
+    "simpo": Method("simpo", "pairs", (), "sequences", simpo_step),
+    "kto": Method("kto", "unpaired", ("reference",), "sequences", kto_step),
+    "tdpo1": Method("tdpo1", "pairs", ("reference",), "sequences", tdpo_step(1)),
+    "tdpo2": Method("tdpo2", "pairs", ("reference",), "sequences", tdpo_step(2)),
+    "sparsepo": Method("sparsepo", "pairs", ("reference",), "sequences", sparsepo_step, make_modules=make_sparsepo_mask),
+    "mapo": Method("mapo", "pairs", ("reference",), "sequences", mapo_step),
+}
+METHOD_NAMES = tuple(_STATIC) + ("aligndistil",)
+
+
+def get_method(cfg: MethodConfig) -> Method:
+    """The :class:`Method` for a config, validating method-specific options."""
+    name = cfg.name
+    if name == "dpo":
+        def loss(ctx, batch):
+            (pc, pr), (rc, rr), (mc, mr) = _pair_logps(ctx, batch)
+            return L.dpo_loss(pc, pr, rc, rr, mc, mr, beta=ctx.cfg.beta, reverse=ctx.cfg.reverse)
+        return Method("dpo", "pairs", ("reference",), "sequences", loss)
+    if name == "aligndistil":
+        if cfg.teacher not in TEACHERS:
+            raise ValueError(f"method.teacher must be one of {TEACHERS}, got {cfg.teacher!r}")
+        if cfg.mode not in MODES:
+            raise ValueError(f"method.mode must be one of {MODES}, got {cfg.mode!r}")
+        frozen = ("dpo_model", "reference") if cfg.teacher == "vanilla" else ("dpo_model", "reverse_dpo_model")
+        on = cfg.mode == "on_policy"
+        return Method("aligndistil", "prompt" if on else "sft", frozen, "sequences", aligndistil_step,
+                      prepare=on_policy_prepare if on else None)
+    if name not in _STATIC:
+        raise ValueError(f"method.name must be one of {METHOD_NAMES}, got {name!r}")
+    return _STATIC[name]

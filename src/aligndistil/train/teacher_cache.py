@@ -1,0 +1,366 @@
+"""An exact on-disk cache of the frozen models' outputs for off-policy training.
+
+Off-policy AlignDistil distils toward teachers that never change, on responses that never
+change; TDPO and the DPO family compare against a reference that never changes. Running
+those frozen models at every step repeats the same forward passes epoch after epoch. This
+module runs them once per dataset and stores, for every response token, what the fused
+losses need from them:
+
+- each frozen model's FINAL HIDDEN STATE at the position that predicts the token (``d``
+  numbers, ``d << V``; float32, exact, or bfloat16, half the disk and approximate), and its
+  LM head weights, so the logits ``hidden @ W^T + b`` are recomputed exactly in the loss;
+- for AlignDistil's adaptive teacher, ``TVD(pi_dpo, pi_rev)`` per token (float32), so
+  ``alpha_t = r * TVD + eps`` needs neither teacher (and ``r``, ``eps`` may change freely).
+
+This is not top-k caching of teacher probabilities (an approximation): with float32
+hidden states the losses and gradients equal those of a run with the teachers loaded.
+
+A cache is a folder with a ``manifest.json`` that records a FINGERPRINT: content hashes of
+every cached model's files (config and weights) and the dtype it is loaded in, a hash of
+the tokenised dataset (ids of every prompt and response, in order, which covers the data
+file, tokenizer, chat template and truncation), the tokenisation settings, and the stored
+dtype. A cache whose fingerprint differs from the run's is refused with a message naming
+what changed; it is never silently rebuilt or reused.
+
+Layout: ``manifest.json``; ``head.<role>.safetensors`` (``weight``, optional ``bias``);
+``<role>.<stream>.bin`` (row-major ``(rows, d)``, stored dtype) and ``tvd.<stream>.bin``
+(float32); a stream is ``response`` (prompt + response data) or ``chosen``/``rejected``
+(pairs). Rows of example ``i`` are ``offsets[stream][i]:offsets[stream][i+1]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from aligndistil.model.outputs import ResponseOutputs, concat_pairs, linear_head, pair_outputs, response_outputs
+from aligndistil.model.outputs import response_positions
+
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": (torch.float32, np.float32), "bfloat16": (torch.bfloat16, np.uint16)}
+
+#: Methods whose frozen models the cache can serve: only final hidden states are needed.
+SUPPORTED = {
+    "aligndistil": "off-policy only",
+    "tdpo1": "", "tdpo2": "", "dpo": "", "ipo": "", "dpop": "",
+}
+UNSUPPORTED_WHY = {
+    "sparsepo": "its mask network reads every layer's hidden states of the reference, not only the last",
+    "mapo": "its mask reads the reference's attention and MLP activations, not only the last hidden state",
+    "kto": "its KL reference point is computed on mismatched prompt/completion pairs that change every step",
+    "simpo": "it has no frozen model", "sft": "it has no frozen model",
+}
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache that cannot be used: stale, incomplete, or for an unsupported setup."""
+
+
+# ----------------------------------------------------------------------------- fingerprints
+_FILE_HASHES: dict[tuple, str] = {}
+
+
+def hash_model_files(path: str | os.PathLike) -> str:
+    """sha256 over a model folder's ``config.json`` and weight files (names and contents)."""
+    from aligndistil.model.loading import resolve_model_path
+
+    folder = Path(resolve_model_path(str(path)))
+    if not folder.is_dir():
+        raise TeacherCacheError(f"teacher cache: {path} is not a local model folder; cannot fingerprint its weights")
+    files = sorted([folder / "config.json"] + list(folder.glob("*.safetensors")))
+    files = [f for f in files if f.is_file()]
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise TeacherCacheError(f"teacher cache: {folder} holds no .safetensors weights")
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def hash_features(features: Iterable[dict]) -> str:
+    """sha256 over the tokenised dataset: every example's prompt and response ids, in order."""
+    h = hashlib.sha256()
+    for f in features:
+        row = {k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids") if k in f}
+        h.update(json.dumps(row, sort_keys=True, separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def fingerprint(cfg, roles: dict[str, str], features: list[dict], kind: str) -> dict:
+    """What a cache depends on: model files per role, load dtype, data, tokenisation, stored dtype."""
+    d = cfg.data
+    return {
+        "version": VERSION,
+        "kind": kind,
+        "weights": {role: hash_model_files(path) for role, path in sorted(roles.items())},
+        "model_dtype": cfg.model.dtype,
+        "data": hash_features(features),
+        "n_examples": len(features),
+        "tokenisation": {
+            "tokenizer": str(cfg.model.tokenizer or cfg.model.policy),
+            "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+            "use_chat_template": d.use_chat_template, "split": d.split, "max_examples": d.max_examples,
+        },
+        "stored_dtype": cfg.train.teacher_cache_dtype,
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            def short(x):
+                return x[:12] + "..." if isinstance(x, str) and len(x) == 64 else x
+            out.append(f"{prefix}{k}: cache has {short(a)!r}, this run has {short(b)!r}")
+    return out
+
+
+def check_supported(method_cfg) -> None:
+    """Refuse methods whose frozen outputs the cache cannot hold."""
+    name = method_cfg.name
+    if name in UNSUPPORTED_WHY:
+        raise TeacherCacheError(f"train.teacher_cache is not supported for {name}: {UNSUPPORTED_WHY[name]}")
+    if name not in SUPPORTED:
+        raise TeacherCacheError(f"train.teacher_cache is not supported for method {name!r}")
+    if name == "aligndistil" and method_cfg.mode != "off_policy":
+        raise TeacherCacheError(
+            "train.teacher_cache needs method.mode=off_policy: on-policy responses are sampled anew every step, "
+            "so the teachers' outputs on them cannot be computed in advance")
+
+
+# ----------------------------------------------------------------------------- building
+def _streams(kind: str) -> dict[str, str]:
+    return {"response": "completion_ids"} if kind == "sft" else {"chosen": "chosen_ids", "rejected": "rejected_ids"}
+
+
+def build(folder: str | os.PathLike, *, models: dict, features: list[dict], collator, kind: str, fp: dict,
+          tvd_roles: tuple[str, str] | None = None, batch_size: int = 8, chunk_size: int | str = "auto",
+          device: torch.device | str = "cpu", log=print) -> Path:
+    """Run the frozen ``models`` (role -> model) once over ``features`` and write a cache.
+
+    Args:
+        folder: where the cache goes; must not exist yet or be empty. Written to a
+            temporary sibling first and renamed, so a cache is complete or absent.
+        features, collator, kind: the training features (in their order: rows are looked
+            up by example index) and the collator that batches them; kind ``sft`` or ``pairs``.
+        fp: :func:`fingerprint` of this run, recorded in the manifest.
+        tvd_roles: ``(dpo_role, negative_role)`` to also store ``TVD`` per token.
+    """
+    from aligndistil.losses import fused as FL
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise TeacherCacheError(f"{folder} exists and is not empty; refusing to write a teacher cache into it")
+    dtype_name = fp["stored_dtype"]
+    if dtype_name not in DTYPES:
+        raise TeacherCacheError(f"train.teacher_cache_dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+    tdt, ndt = DTYPES[dtype_name]
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    started = time.time()
+    streams = _streams(kind)
+    offsets = {s: np.concatenate([[0], np.cumsum([len(f[key]) for f in features])]).astype(np.int64)
+               for s, key in streams.items()}
+    heads = {}
+    for role, model in models.items():
+        lin = linear_head(model)
+        if lin is None:
+            raise TeacherCacheError(
+                f"teacher cache: the {role} model's logits are not a plain linear map of its final hidden state "
+                "(a wrapped or soft-capped head); its outputs cannot be cached as hidden states")
+        weight, bias = lin
+        from safetensors.torch import save_file
+        tensors = {"weight": weight.detach().to("cpu").contiguous()}
+        if bias is not None:
+            tensors["bias"] = bias.detach().to("cpu").contiguous()
+        save_file(tensors, str(tmp / f"head.{role}.safetensors"))
+        heads[role] = (weight.shape[1], weight.shape[0])
+    dims = {d for d, _ in heads.values()}
+    if len(dims) != 1:
+        raise TeacherCacheError(f"teacher cache: frozen models have different hidden sizes {sorted(dims)}")
+    d = dims.pop()
+    vocab = {v for _, v in heads.values()}.pop()
+    files = {}
+    for role in models:
+        for s in streams:
+            files[(role, s)] = np.memmap(tmp / f"{role}.{s}.bin", dtype=ndt, mode="w+", shape=(max(int(offsets[s][-1]), 1), d))
+    if tvd_roles:
+        for s in streams:
+            files[("tvd", s)] = np.memmap(tmp / f"tvd.{s}.bin", dtype=np.float32, mode="w+", shape=(max(int(offsets[s][-1]), 1),))
+
+    def write(name, s, start_example, rows, mask):
+        arr = files[(name, s)]
+        for b in range(rows.shape[0]):
+            i = start_example + b
+            n = int(mask[b].sum())
+            lo = int(offsets[s][i])
+            if n != offsets[s][i + 1] - lo:
+                raise TeacherCacheError(f"teacher cache: example {i} has {n} response rows, expected {offsets[s][i + 1] - lo}")
+            x = rows[b, :n].detach().to("cpu")
+            if name == "tvd":
+                arr[lo:lo + n] = x.float().numpy()
+            else:
+                x = x.to(tdt)
+                arr[lo:lo + n] = (x.view(torch.uint16) if tdt == torch.bfloat16 else x).numpy()
+
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collator(features[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            outs = {}
+            for role, model in models.items():
+                if kind == "sft":
+                    o = response_outputs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                         compute_logits=False)
+                    outs[role] = {"response": o}
+                else:
+                    c, r = pair_outputs(model, batch, compute_logits=False)
+                    outs[role] = {"chosen": c, "rejected": r}
+                for s, o in outs[role].items():
+                    write(role, s, start, o.hidden, o.mask)
+            if tvd_roles:
+                a, b = tvd_roles
+                for s in streams:
+                    oa, ob = outs[a][s], outs[b][s]
+                    tvd = FL.teacher_tvd(FL.HeadRows(oa.hidden, *oa.head), FL.HeadRows(ob.hidden, *ob.head), oa.mask,
+                                         chunk_size=chunk_size)
+                    write("tvd", s, start, tvd, oa.mask)
+    for arr in files.values():
+        arr.flush()
+    del files
+    manifest = {
+        "fingerprint": fp, "roles": sorted(models), "streams": {s: offsets[s].tolist() for s in streams},
+        "hidden_size": d, "vocab_size": vocab, "tvd": list(tvd_roles) if tvd_roles else None,
+        "built_seconds": round(time.time() - started, 1),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
+    if folder.exists():
+        folder.rmdir()
+    os.replace(tmp, folder)
+    log(f"[teacher cache] wrote {folder} ({', '.join(sorted(models))}; {len(features)} examples, "
+        f"{sum(int(o[-1]) for o in offsets.values())} rows, {dtype_name}) in {time.time() - started:.1f}s")
+    return folder
+
+
+# ----------------------------------------------------------------------------- reading
+class TeacherCache:
+    """A built cache, checked against this run's fingerprint, serving frozen outputs.
+
+    Raises:
+        TeacherCacheError: the folder is no complete cache, or it was built for other
+            weights, data, tokenisation or stored dtype (the message lists what differs).
+    """
+
+    def __init__(self, folder: str | os.PathLike, fp: dict, device: torch.device | str = "cpu"):
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise TeacherCacheError(f"{self.folder} is not a complete teacher cache (no {MANIFEST})")
+        self.manifest = json.loads(path.read_text())
+        diffs = _differences(self.manifest["fingerprint"], fp)
+        if diffs:
+            raise TeacherCacheError(
+                f"teacher cache {self.folder} is stale: it was built for other weights, data or settings:\n  "
+                + "\n  ".join(diffs)
+                + f"\nDelete {self.folder} (it is rebuilt on the next run) or point train.teacher_cache elsewhere.")
+        self.device = torch.device(device)
+        self.kind = fp["kind"]
+        self.roles = tuple(self.manifest["roles"])
+        self.dtype, ndt = DTYPES[fp["stored_dtype"]]
+        d = self.manifest["hidden_size"]
+        self.offsets = {s: np.asarray(o, dtype=np.int64) for s, o in self.manifest["streams"].items()}
+        self._rows = {}
+        for role in self.roles:
+            for s, off in self.offsets.items():
+                self._rows[(role, s)] = np.memmap(self.folder / f"{role}.{s}.bin", dtype=ndt, mode="r",
+                                                  shape=(max(int(off[-1]), 1), d))
+        self.has_tvd = bool(self.manifest.get("tvd"))
+        if self.has_tvd:
+            for s, off in self.offsets.items():
+                self._rows[("tvd", s)] = np.memmap(self.folder / f"tvd.{s}.bin", dtype=np.float32, mode="r",
+                                                   shape=(max(int(off[-1]), 1),))
+        from safetensors.torch import load_file
+        self.heads = {}
+        for role in self.roles:
+            t = load_file(str(self.folder / f"head.{role}.safetensors"), device=str(self.device))
+            self.heads[role] = (t["weight"], t.get("bias"))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    def _gather(self, name: str, stream: str, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d)`` (or ``(B, T)`` for tvd) rows of examples ``index``, left-justified like ``mask``."""
+        arr = self._rows[(name, stream)]
+        off = self.offsets[stream]
+        B, T = mask.shape
+        shape = (B, T) if name == "tvd" else (B, T, arr.shape[1])
+        out = torch.zeros(shape, dtype=torch.float32 if name == "tvd" else self.dtype)
+        counts = mask.sum(-1).to("cpu")
+        for b, i in enumerate(index.tolist()):
+            if not 0 <= i < len(off) - 1:
+                raise TeacherCacheError(f"teacher cache {self.folder}: example index {i} is outside the cached dataset")
+            lo, hi = int(off[i]), int(off[i + 1])
+            if hi - lo != int(counts[b]):
+                raise TeacherCacheError(
+                    f"teacher cache {self.folder} is stale: example {i} has {int(counts[b])} response tokens in this "
+                    f"batch but {hi - lo} in the cache")
+            x = torch.from_numpy(np.array(arr[lo:hi]))
+            if self.dtype == torch.bfloat16 and name != "tvd":
+                x = x.view(torch.bfloat16)
+            out[b, : hi - lo] = x
+        return out.to(self.device)
+
+    def _index(self, batch: dict) -> torch.Tensor:
+        if "example_index" not in batch:
+            raise TeacherCacheError("teacher cache: the batch carries no example_index (is it a trainer batch?)")
+        return batch["example_index"]
+
+    def _out(self, role, stream, index, labels, mask) -> ResponseOutputs:
+        hidden = self._gather(role, stream, index, mask)
+        return ResponseOutputs(logits=None, labels=labels, mask=mask, hidden=hidden, head=self.heads[role])
+
+    def outputs(self, role: str, batch: dict, pair: bool):
+        """The cached ``role`` outputs for ``batch``, shaped as :func:`response_outputs` (or
+        :func:`pair_outputs` with ``pair``) would return them, with ``logits=None``."""
+        index = self._index(batch)
+        if not pair:
+            if self.kind != "sft":
+                raise TeacherCacheError("teacher cache was built for pairs, not prompt + response batches")
+            _, labels, mask = response_positions(batch["input_ids"], batch["response_mask"])
+            return self._out(role, "response", index, labels, mask)
+        if self.kind != "pairs":
+            raise TeacherCacheError("teacher cache was built for prompt + response batches, not pairs")
+        ids, _, resp = concat_pairs(batch)  # one (2B, T) layout, as pair_outputs makes it
+        _, labels, mask = response_positions(ids, resp)
+        B = batch["chosen_input_ids"].shape[0]
+        return (self._out(role, "chosen", index, labels[:B], mask[:B]),
+                self._out(role, "rejected", index, labels[B:], mask[B:]))
+
+    def tvd(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """Cached ``TVD(pi_dpo, pi_rev)`` per token, ``(B, T)`` like ``mask`` (prompt + response batches)."""
+        return self._gather("tvd", "response", self._index(batch), mask).to(mask.dtype)

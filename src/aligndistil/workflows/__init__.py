@@ -1,0 +1,1 @@
+"""End-to-end workflows built on training: preference pairs, evaluation, plots, the quickstart and pipelines."""

@@ -1,0 +1,120 @@
+"""The teacher cache is exact, keeps the frozen models unloaded, and refuses a stale cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from aligndistil.train.teacher_cache import TeacherCacheError
+from aligndistil.train.loop import Trainer
+from test_methods import make_cfg
+from test_loop import assert_same_weights, losses
+
+EXACT = ["train.optimizer=sgd", "train.learning_rate=0.5", "train.max_steps=3", "train.per_device_batch_size=4"]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("aligndistil", ["method.teacher=adaptive"]),
+    ("aligndistil", ["method.teacher=vanilla", "method.beta=0.05"]),
+    ("tdpo2", []),
+    ("dpo", []),
+])
+def test_cached_run_equals_a_run_with_the_models_loaded(tiny_ws, tmp_path, method, extra):
+    cache = tmp_path / "cache"
+    plain = Trainer(make_cfg(tiny_ws, tmp_path / "loaded", method, [*extra, *EXACT])).train()
+    first = Trainer(make_cfg(tiny_ws, tmp_path / "build", method, [*extra, *EXACT, f"train.teacher_cache={cache}"]))
+    first.train()
+    assert (cache / "manifest.json").is_file()
+    second = Trainer(make_cfg(tiny_ws, tmp_path / "reuse", method, [*extra, *EXACT, f"train.teacher_cache={cache}"]))
+    out = second.train()
+    assert second.frozen == {}, "cached roles must not be loaded"
+    for o in (first.out, out):
+        assert losses(o) == pytest.approx(losses(plain), abs=1e-6)
+        assert_same_weights(plain, o, atol=1e-6)
+
+
+def test_adaptive_alpha_comes_from_the_cached_tvd(tiny_ws, tmp_path):
+    """r and eps are not part of the cache: the TVD is stored, alpha_t = r * TVD + eps is derived."""
+    cache = tmp_path / "cache"
+    Trainer(make_cfg(tiny_ws, tmp_path / "a", "aligndistil", [*EXACT, f"train.teacher_cache={cache}"])).train()
+    ref = Trainer(make_cfg(tiny_ws, tmp_path / "b", "aligndistil", [*EXACT, "method.r=3.0"])).train()
+    out = Trainer(make_cfg(tiny_ws, tmp_path / "c", "aligndistil", [*EXACT, "method.r=3.0", f"train.teacher_cache={cache}"])).train()
+    assert losses(out) == pytest.approx(losses(ref), abs=1e-6)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "tvd/mean" in rows[-1]
+
+
+def test_bf16_cache_is_close(tiny_ws, tmp_path):
+    ref = Trainer(make_cfg(tiny_ws, tmp_path / "a", "tdpo2", EXACT)).train()
+    out = Trainer(make_cfg(tiny_ws, tmp_path / "b", "tdpo2", [*EXACT, f"train.teacher_cache={tmp_path / 'c'}",
+                                                                "train.teacher_cache_dtype=bfloat16"])).train()
+    assert losses(out) == pytest.approx(losses(ref), abs=1e-2)
+
+
+@pytest.mark.parametrize("change, match", [
+    ([], None),
+    (["model.dpo_model={model}"], r"weights\.dpo_model"),
+    (["data.max_length=40"], r"tokenisation\.max_length: cache has 64, this run has 40"),
+    (["data.max_examples=16"], r"data: .*n_examples"),
+    (["train.teacher_cache_dtype=bfloat16"], r"stored_dtype: cache has 'float32', this run has 'bfloat16'"),
+    (["model.dtype=bfloat16"], r"model_dtype"),
+])
+def test_a_stale_cache_is_refused(tiny_ws, tmp_path, change, match):
+    cache = tmp_path / "cache"
+    base = [*EXACT, "train.max_steps=1", f"train.teacher_cache={cache}"]
+    Trainer(make_cfg(tiny_ws, tmp_path / "a", "aligndistil", base)).train()
+    built = (cache / "manifest.json").read_text()
+    cfg = make_cfg(tiny_ws, tmp_path / "b", "aligndistil", [*base, *(c.format(**tiny_ws) for c in change)])
+    if match is None:
+        Trainer(cfg).train()  # same fingerprint: reused
+    else:
+        with pytest.raises(TeacherCacheError, match=r"(?s)stale.*" + match):
+            Trainer(cfg).train()
+    assert (cache / "manifest.json").read_text() == built, "a cache is never rewritten"
+
+
+def test_changed_teacher_weights_on_disk_are_noticed(tiny_ws, tmp_path):
+    """Same path, other contents: the fingerprint hashes the files, not their names."""
+    import shutil
+    from aligndistil.model.tiny import build_tiny_model
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_ws["model2"], teacher)
+    cache = tmp_path / "cache"
+    opts = [*EXACT, "train.max_steps=1", f"model.dpo_model={teacher}", f"train.teacher_cache={cache}"]
+    Trainer(make_cfg(tiny_ws, tmp_path / "a", "aligndistil", opts)).train()
+    build_tiny_model(teacher, seed=7)  # retrained in place
+    with pytest.raises(TeacherCacheError, match=r"weights\.dpo_model"):
+        Trainer(make_cfg(tiny_ws, tmp_path / "b", "aligndistil", opts)).train()
+
+
+@pytest.mark.parametrize("method, extra, match", [
+    ("sparsepo", [], "every layer's hidden states"),
+    ("mapo", [], "activations"),
+    ("kto", [], "mismatched"),
+    ("sft", [], "no frozen model"),
+    ("aligndistil", ["method.mode=on_policy"], "off_policy"),
+])
+def test_unsupported_setups_are_refused_up_front(tiny_ws, tmp_path, method, extra, match):
+    with pytest.raises(TeacherCacheError, match=match):
+        Trainer(make_cfg(tiny_ws, tmp_path / "x", method, [*extra, f"train.teacher_cache={tmp_path / 'c'}"]))
+
+
+def test_a_folder_that_is_not_a_cache_is_refused(tiny_ws, tmp_path):
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(TeacherCacheError, match="not empty"):
+        Trainer(make_cfg(tiny_ws, tmp_path / "x", "tdpo2", [*EXACT, f"train.teacher_cache={folder}"])).train()
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_plain_loss_path_reads_the_cache_too(tiny_ws, tmp_path):
+    cache = tmp_path / "cache"
+    ref = Trainer(make_cfg(tiny_ws, tmp_path / "a", "aligndistil", [*EXACT, "train.loss_path=plain"])).train()
+    out = Trainer(make_cfg(tiny_ws, tmp_path / "b", "aligndistil",
+                           [*EXACT, "train.loss_path=plain", f"train.teacher_cache={cache}"])).train()
+    assert losses(out) == pytest.approx(losses(ref), abs=1e-6)
+    assert torch.is_tensor(torch.zeros(1))
