@@ -33,7 +33,6 @@ def run_one(case: dict) -> dict:
     from aligndistil import losses as L
     from aligndistil.losses.ops import label_logps
     from aligndistil.losses import fused as FL
-    from aligndistil.train.methods import aligndistil_plain_loss
 
     torch.manual_seed(0)
     dev = C.device()
@@ -54,15 +53,16 @@ def run_one(case: dict) -> dict:
     chunk = case["chunk_size"]
 
     def loss():
-        if case["method"] == "aligndistil":
+        if case["method"] == "aligndistil":  # the adaptive teacher, as methods.aligndistil_step runs it
             if case["path"] == "plain":
                 with torch.no_grad():
                     zb, zn = F.linear(hf[0], Wf[0]), F.linear(hf[1], Wf[1])
-                losses, _ = aligndistil_plain_loss(F.linear(hs[0], W), zb, zn, labels, mask, alpha=None, r=10.0,
-                                                   eps=1e-3, beta0=0.1, weighting="beta_t")
+                kl, a, tvd = L.aligndistil_token_stats(F.linear(hs[0], W), zb, zn, mask, r=10.0, eps=1e-3)
             else:
-                losses, _ = FL.aligndistil_loss(FL.HeadRows(hs[0], W), FL.HeadRows(hf[0], Wf[0]), FL.HeadRows(hf[1], Wf[1]),
-                                                labels, mask, r=10.0, eps=1e-3, beta0=0.1, chunk_size=chunk)
+                kl, a, tvd = FL.aligndistil_token_stats(
+                    FL.HeadRows(hs[0], W), FL.HeadRows(hf[0], Wf[0]), FL.HeadRows(hf[1], Wf[1]), mask, r=10.0,
+                    eps=1e-3, chunk_size=chunk, **L.kl_row_weight(mask, beta0=0.1))
+            losses, _ = L.aligndistil_loss_from_stats(kl, mask, alpha=a, tvd=tvd, beta0=0.1)
         elif case["method"] == "tdpo2":
             if case["path"] == "plain":
                 with torch.no_grad():
@@ -70,9 +70,9 @@ def run_one(case: dict) -> dict:
                 losses, _ = L.tdpo_loss(F.linear(hs[0], W), F.linear(hs[1], W), rc, rr, labels, labels, mask, mask,
                                         variant=2, beta=0.1, alpha=0.5)
             else:
-                losses, _ = FL.tdpo_loss(FL.HeadRows(hs[0], W), FL.HeadRows(hs[1], W), FL.HeadRows(hf[0], Wf[0]),
-                                         FL.HeadRows(hf[1], Wf[0]), labels, labels, mask, mask, variant=2, beta=0.1,
-                                         alpha=0.5, chunk_size=chunk)
+                stats = FL.token_level_stats(FL.HeadRows(hs[0], W), FL.HeadRows(hs[1], W), FL.HeadRows(hf[0], Wf[0]),
+                                             FL.HeadRows(hf[1], Wf[0]), labels, labels, mask, mask, chunk_size=chunk)
+                losses, _ = L.tdpo_loss_from_stats(*stats, mask, mask, variant=2, beta=0.1, alpha=0.5)
         else:  # dpo: label log-probs only
             if case["path"] == "plain":
                 pc, pr = (label_logps(F.linear(h, W), labels) for h in hs)

@@ -2,7 +2,7 @@
 
 Runs ``bench_loss.py``'s fused ``aligndistil`` case at several ``chunk_size`` values per head
 size, each in its own process, and writes ``benchmarks/results/<name>.{json,md}``. It is
-what chose the ``chunk_size: auto`` budget (``losses/fused.py``): every chunk re-reads each
+what chose the ``chunk_size: auto`` budget (``losses/fused/engine.py``): every chunk re-reads each
 head's ``V x d`` weights, so small chunks are slow at a large head, and large chunks hold
 more ``rows x V`` buffers.
 
@@ -42,7 +42,7 @@ def main(argv=None):
                     "chunk_size": chunk, "reps": a.reps}
             r = C.run_case(HERE / "bench_loss.py", case)
             if chunk == "auto" and "V" in r:
-                r["auto_rows"] = FL.auto_chunk_rows(FL._ReverseKL.n_buffers, r["V"])
+                r["auto_rows"] = FL.auto_chunk_rows(FL.ReverseKL.n_buffers, r["V"])
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("size", "chunk_size", "median_s", "peak_bytes", "error")}), flush=True)
     C.report(a.name, __file__, info, results, markdown)

@@ -53,6 +53,8 @@ method: {{name: tdpo2}}
     res = run("train", "-c", str(cfg), "method.beta=0.2")
     assert res.returncode == 0, res.stderr
     assert "[done] tdpo2" in res.stdout
+    # progress_bar=false silences transformers' own bars (loading, writing shards) too.
+    assert "Writing model shards" not in res.stderr + res.stdout and "it/s]" not in res.stderr, res.stderr
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "beta: 0.2" in saved
     from transformers import AutoModelForCausalLM
@@ -85,3 +87,52 @@ def test_make_tiny_then_tiny_config(tmp_path):
     assert res.returncode == 0, res.stderr
     paths = json.loads(res.stdout)
     assert Path(paths["model"], "config.json").is_file() and Path(paths["prefs"]).is_file()
+
+
+def test_bad_values_stop_before_any_model_loads_or_folder_is_made(tiny_ws, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "o"
+    cfg.write_text(f"model: {{policy: {tiny_ws['model']}}}\ndata: {{train_file: {tiny_ws['prefs']}}}\n"
+                   f"train: {{output_dir: {out}, progress_bar: false}}\n")
+    for bad, says in [("model.dtype=float33", "model.dtype must be one of float32, bfloat16, float16, got 'float33'"),
+                      ("model.dtype=nn", "model.dtype must be one of"),
+                      ("method.beta=0", "method.beta must be > 0"),
+                      ("train.save_total_limit=0", "train.save_total_limit must be >= 1"),
+                      ("data.max_examples=-1", "data.max_examples must be >= 1")]:
+        res = run("train", "-c", str(cfg), bad)
+        assert res.returncode == 2 and f"aligndistil: config error: {says}" in res.stderr, (bad, res.stderr)
+        assert "Traceback" not in res.stderr and not out.exists()
+    res = run("train", "-c", str(tmp_path))
+    assert res.returncode == 2 and "is a folder; give a YAML config file such as" in res.stderr
+    res = run("train", "-c", str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "dpo.yaml"), cwd=tmp_path)
+    assert res.returncode == 2 and "run `aligndistil make-tiny --out outputs/tiny` first" in res.stderr, res.stderr
+
+
+def test_output_folder_errors_exit_2_and_overwrite_lets_a_run_through(tiny_ws, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cfg.write_text(f"model: {{policy: {tiny_ws['model']}}}\ndata: {{train_file: {tiny_ws['prefs']}, max_length: 64, "
+                   f"max_prompt_length: 32}}\ntrain: {{output_dir: {out}, max_steps: 1, progress_bar: false}}\n")
+    res = run("train", "-c", str(cfg))
+    assert res.returncode == 2 and "aligndistil: output folder:" in res.stderr and "--overwrite" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    res = run("train", "-c", str(cfg), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert (out / "COMPLETE.json").is_file() and (out / "notes.txt").read_text() == "mine"
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = run("make-tiny", "--out", str(blocker / "tiny"))
+    assert res.returncode == 2 and "Not a directory" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_cut_pipes_and_help_texts():
+    proc = subprocess.Popen([sys.executable, "-m", "aligndistil", "config-help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()  # `aligndistil config-help | head` after head has exited
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
+    res = run("eval", "--help")
+    assert "95% interval" in res.stdout.replace("\n", " ") and "%%" not in res.stdout

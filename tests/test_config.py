@@ -96,3 +96,91 @@ def test_fingerprint_ignores_output_dir_but_not_hyperparameters():
 def test_bad_method_options(opts, match):
     with pytest.raises(ValueError, match=match):
         get_method(from_dict({"method": opts}).method)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("model.dtype=float33", "model.dtype must be one of float32, bfloat16, float16, got 'float33'"),
+    ("model.dtype=nn", "model.dtype must be one of float32, bfloat16, float16, got 'nn'"),
+    ("method.beta=0", "method.beta must be > 0, got 0.0"),
+    ("method.beta=-0.1", "method.beta must be > 0"),
+    ("method.beta=.nan", "method.beta must be a finite number"),
+    ("method.r=-1", "method.r must be >= 0"),
+    ("method.beta0=0", "method.beta0 must be > 0"),
+    ("method.eps=0", "method.eps must be > 0"),
+    ("method.top_p=0", r"method.top_p must be in \(0, 1\]"),
+    ("method.max_new_tokens=0", "method.max_new_tokens must be >= 1"),
+    ("train.max_steps=-1", "train.max_steps must be >= 0"),
+    ("train.num_epochs=0", "train.num_epochs must be > 0"),
+    ("train.warmup_ratio=-0.1", r"train.warmup_ratio must be in \[0, 1\]"),
+    ("train.warmup_ratio=1.5", r"train.warmup_ratio must be in \[0, 1\]"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0"),
+    ("train.save_total_limit=0", "train.save_total_limit must be >= 1"),
+    ("train.learning_rate=0", "train.learning_rate must be > 0"),
+    ("train.adam_betas=[0.9]", r"train.adam_betas must be two numbers in \[0, 1\)"),
+    ("train.optimizer=adam", "train.optimizer must be adamw or sgd"),
+    ("train.report_to=[wandb]", "train.report_to must be a list of: tensorboard"),
+    ("data.max_examples=-1", "data.max_examples must be >= 1"),
+    ("data.max_examples=0", "data.max_examples must be >= 1"),
+    ("data.max_length=1", "data.max_length must be >= 2"),
+])
+def test_every_value_is_checked_before_anything_runs(bad, says, tmp_path):
+    """Ranges live with the fields; load_config (and the trainer) refuse a value naming its key."""
+    p = tmp_path / "run.yaml"
+    p.write_text("{}\n")
+    with pytest.raises(ConfigError, match=says):
+        load_config(p, [bad])
+    cfg = apply_overrides(RunConfig(), [bad])
+    with pytest.raises(ConfigError, match=says):
+        cfg.validate()
+
+
+def test_every_shipped_config_passes_the_range_checks():
+    for path in RUN_CONFIGS:
+        load_config(path).validate()
+
+
+def test_a_folder_given_as_config_says_so(tmp_path):
+    (tmp_path / "dpo.yaml").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"is a folder; give a YAML config file such as .*dpo\.yaml"):
+        load_config(tmp_path)
+
+
+def test_field_types_are_resolved_without_eval():
+    """Annotations are read with typing.get_type_hints, never eval() of their strings."""
+    import ast
+
+    import aligndistil.config as C
+
+    tree = ast.parse(Path(C.__file__).read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "eval"]
+    cfg = apply_overrides(RunConfig(), ["data.max_examples=null", "train.chunk_size=64", "model.reference=none"])
+    assert cfg.data.max_examples is None and cfg.train.chunk_size == "64" and cfg.model.reference is None
+
+
+def test_config_help_shows_the_allowed_range():
+    from aligndistil.config import help_text
+
+    text = help_text()
+    assert "(allowed: > 0)" in text and "(allowed: one of float32, bfloat16, float16)" in text
+    assert "train.overwrite_output_dir" in text
+
+
+def test_overwrite_and_display_settings_are_not_part_of_the_fingerprint():
+    a = from_dict({"train": {"overwrite_output_dir": True, "save_total_limit": 1}})
+    assert a.fingerprint() == RunConfig().fingerprint()
+
+
+def test_missing_local_paths_are_named_with_a_hint(tmp_path):
+    from aligndistil.config import check_paths
+
+    cfg = from_dict({"model": {"policy": str(tmp_path / "outputs" / "tiny" / "model")},
+                     "data": {"train_file": str(tmp_path / "outputs" / "tiny" / "prefs.jsonl")}})
+    with pytest.raises(ConfigError, match=r"model.policy: .*tiny/model does not exist \(the tiny configs read .*"
+                                          r"run `aligndistil make-tiny --out .*tiny` first\)"):
+        check_paths(cfg)
+    (tmp_path / "m").mkdir()
+    cfg = from_dict({"model": {"policy": str(tmp_path / "m"), "dpo_model": str(tmp_path / "runs" / "dpo")},
+                     "data": {"train_file": str(tmp_path / "m")}})
+    with pytest.raises(ConfigError, match=r"model.dpo_model: .* does not exist \(the train.output_dir of a DPO run"):
+        check_paths(cfg, roles=("dpo_model",))
+    check_paths(from_dict({"model": {"policy": "HuggingFaceTB/SmolLM2-135M"}, "data": {"train_file": str(tmp_path / "m")}}))

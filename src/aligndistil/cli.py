@@ -3,7 +3,8 @@
 Subcommands map one to one onto library functions, so anything the CLI does can be done
 from Python too. Errors a user can fix (a bad config key, a malformed data line, a missing
 model) print one clear line and exit with code 2; a run stopped by a non-finite loss exits
-with code 3 and names the step and the last good checkpoint.
+with code 3 and names the step and the last good checkpoint; Ctrl-C exits with 130 (naming
+the checkpoint to resume from), output cut by a closed pipe with 141, quietly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 import sys
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
+from aligndistil.errors import EXIT_DIVERGED, EXIT_USAGE, AlignDistilError  # noqa: F401  (EXIT_DIVERGED: documented exit code)
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.output_dir (exact: data order, "
                         "optimizer, scheduler and RNG are restored)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a fresh run write into a train.output_dir that holds another run or other files "
+                        "(same as train.overwrite_output_dir=true)")
     _add_overrides(p)
 
     p = sub.add_parser("pipeline", help="run a multi-stage pipeline (DPO -> reverse DPO -> AlignDistil ...)",
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate models: ground-truth reward, KL, length, distinct-2, reward accuracy",
                        description="Generate on the test prompts with a fixed seed and report, per model, the mean "
-                                   "ground-truth reward (95%% interval), Monte-Carlo sequence KL to the reference and to "
+                                   "ground-truth reward (95% interval), Monte-Carlo sequence KL to the reference and to "
                                    "the DPO model, mean response length and distinct-2; on held-out pairs, the reward "
                                    "accuracy of the DPO reward, the contrastive reward and a reward model. Writes "
                                    "results.json, results.md, samples/ and PNG plots to --out.")
@@ -153,17 +157,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="prefs.KEY=V / heldout.KEY=V / eval.KEY=V / reward=V change those sections; "
                         "model|data|train|method.KEY=V apply to every training stage")
+
+    p = sub.add_parser("study", help="run a study of the paper: convergence (AlignDistil Fig. 2)",
+                       description="Run one of the paper's studies end to end; finished runs are skipped on a rerun.")
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY",
+                               help="which study: convergence (on-policy AlignDistil vs token- and sentence-level REINFORCE)")
+    q = studies.add_parser("convergence", help="AlignDistil vs token- and sentence-level REINFORCE: reward vs step",
+                           description="Sec. 6.5 / Fig. 2 / App. E: on-policy AlignDistil (static alpha = beta0/beta), "
+                                       "token-level and sentence-level REINFORCE with the contrastive reward, all at the "
+                                       "same beta, prompts, batch, learning rate, steps and seeds. Reuses the quickstart's "
+                                       "DPO and reverse-DPO models when they are finished (else trains them as the "
+                                       "quickstart does). Writes results.md (the table), results.json, convergence.png and "
+                                       "vader.png to --out.")
+    q.add_argument("--out", default="outputs/convergence", help="output folder (default: outputs/convergence)")
+    q.add_argument("--tiny", action="store_true",
+                   help="the test-sized study: the tiny random model, its synthetic pairs, teachers trained on them, "
+                        "6 steps (seconds; proves the machinery, not the claim)")
+    q.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds, one run per method each (default: 0 1)")
+    q.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 30)")
+    q.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: 4)")
+    q.add_argument("--lr", type=float, default=None, help="learning rate, constant (default: 2e-5)")
+    q.add_argument("--max-new-tokens", type=int, default=None, help="tokens sampled per response at most (default: 24)")
+    q.add_argument("--max-prompts", type=int, default=None, help="prompts of the set to train on (default: 120, one per sample of 30 steps x 4)")
+    q.add_argument("--prompts", default=None, help="prompt set or file (default: sentiment:train)")
+    q.add_argument("--beta", type=float, default=None, help="KL weight to pi_dpo, every method (default: 0.08, the paper's)")
+    q.add_argument("--smooth", type=int, default=None, help="trailing mean over this many steps for the table (default: 5)")
+    q.add_argument("--quickstart-config", default=None,
+                   help="quickstart file whose teachers to reuse or train (default: configs/pipelines/quickstart.yaml)")
+    q.add_argument("--dpo-model", default=None, help="DPO model folder instead of the quickstart's")
+    q.add_argument("--reverse-dpo-model", default=None, help="reverse-DPO model folder instead of the quickstart's")
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    q.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides applied to every run (e.g. train.gradient_checkpointing=true)")
+
+    from aligndistil.workflows.judge.command import add_judge_parser
+
+    add_judge_parser(sub)
     return parser
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code. Output cut short by a closed pipe
+    (``config-help | head``) ends quietly, Ctrl-C outside training with one line."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe surfaces here, where it can still be handled
+        return code
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("aligndistil: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from aligndistil.config import ConfigError, help_text, load_config
+    from aligndistil.config import help_text, load_config
 
     try:
         if args.command == "config-help":
             print(help_text())
             return 0
+        if args.command == "judge":
+            from aligndistil.workflows.judge.command import run_judge_command
+
+            return run_judge_command(args)
         if args.command == "make-tiny":
             from aligndistil.model.tiny import make_tiny_workspace
 
@@ -210,7 +275,19 @@ def main(argv: list[str] | None = None) -> int:
             from aligndistil.train.loop import train
 
             cfg = load_config(args.config, args.overrides)
-            train(cfg, resume=args.resume)
+            train(cfg, resume=args.resume, overwrite=args.overwrite)
+            return 0
+        if args.command == "study":
+            from aligndistil.workflows.convergence import TINY, StudySettings, run_convergence
+
+            given = dict(seeds=tuple(args.seeds) if args.seeds else None, steps=args.steps, batch_size=args.batch_size,
+                         learning_rate=args.lr, max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
+                         prompts=args.prompts, beta=args.beta, smooth=args.smooth)
+            # Options not given keep the study's defaults (or the tiny study's, with --tiny).
+            run_convergence(StudySettings(**{
+                **(TINY if args.tiny else {}), **{k: v for k, v in given.items() if v is not None},
+                "out_dir": args.out, "quickstart_config": args.quickstart_config, "dpo_model": args.dpo_model,
+                "reverse_dpo_model": args.reverse_dpo_model, "extra": list(args.overrides)}), progress=not args.no_progress)
             return 0
         if args.command == "pipeline":
             from aligndistil.workflows.pipeline import run_pipeline, stage_summary
@@ -220,29 +297,25 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             run_pipeline(args.config, args.overrides)
             return 0
-    except ConfigError as e:
-        print(f"aligndistil: config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except AlignDistilError as e:
+        # Every known failure kind carries its own exit code and label (aligndistil.errors).
+        print(f"aligndistil: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
     except FileNotFoundError as e:
         print(f"aligndistil: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - map known failure kinds to exit codes
-        from aligndistil.workflows.evaluate import EvalError
-        from aligndistil.model.loading import ModelLoadError
-        from aligndistil.workflows.make_prefs import PrefsError
-        from aligndistil.rewards import RewardError
-        from aligndistil.train.loop import TrainingError
-
-        if isinstance(e, TrainingError):
-            print(f"aligndistil: training stopped: {e}", file=sys.stderr)
-            return EXIT_DIVERGED
-        if isinstance(e, (PrefsError, EvalError, RewardError, ModelLoadError, ImportError, FileExistsError)):
-            print(f"aligndistil: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(e, ValueError):
-            print(f"aligndistil: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
+    except BrokenPipeError:
         raise
+    except OSError as e:
+        # A folder that cannot be written (read-only, a path under a file): one line naming it.
+        what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        print(f"aligndistil: file error: {what}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, ImportError, FileExistsError) as e:
+        # Argument checks in the library raise plain ValueError (a wrong beta, an unknown
+        # method name); a missing optional package raises ImportError naming its extra.
+        print(f"aligndistil: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 1
 
 

@@ -6,30 +6,68 @@ string. YAML files are read with ``yaml.safe_load``; unknown keys are errors tha
 file and the key (a typo such as ``betta: 0.2`` must not silently train with the default).
 Command-line overrides use dotted paths (``train.learning_rate=1e-5``) and are parsed with
 the field's type, so ``method.beta=0.2`` becomes a float and ``train.report_to=[]`` a list.
+
+Allowed ranges live here too, as each field's ``check`` (:func:`validate`): a run checks
+every value before it loads a model or touches its output folder, so ``method.beta=0``
+fails in a second with the key's name instead of at step 1 inside the loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import yaml
+from aligndistil.errors import AlignDistilError
 
 
-class ConfigError(ValueError):
+class ConfigError(AlignDistilError, ValueError):
+    label = "config error"
     """A bad configuration file, key or value; the message names where it came from."""
 
 
-def _f(default, help: str, **kw):
-    """A dataclass field with a help string (shown by ``aligndistil train --help-config``)."""
+class Check(NamedTuple):
+    """An allowed range: ``ok(value)`` and how the error message says it (``"> 0"``)."""
+
+    ok: Callable[[Any], bool]
+    says: str
+
+
+def _gt(x) -> Check:
+    return Check(lambda v: v > x, f"> {x}")
+
+
+def _ge(x) -> Check:
+    return Check(lambda v: v >= x, f">= {x}")
+
+
+def _within(lo, hi, lo_open=False) -> Check:
+    return Check(lambda v: (lo < v if lo_open else lo <= v) and v <= hi, f"in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+def _one_of(*names: str) -> Check:
+    return Check(lambda v: v in names, " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names))
+
+
+#: ``model.dtype`` values: the dtypes a checkpoint is loaded in (torch attribute names).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _f(default, help: str, check: Check | None = None, **kw):
+    """A dataclass field with a help string (shown by ``aligndistil config-help``) and an
+    optional allowed range (enforced by :func:`validate`; None values are never checked)."""
+    meta = {"help": help, "check": check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -41,7 +79,7 @@ class ModelConfig:
     dpo_model: Optional[str] = _f(None, "DPO-trained model pi_dpo (AlignDistil teachers).")
     reverse_dpo_model: Optional[str] = _f(None, "Reverse-DPO model pi_rev (contrastive/adaptive teachers).")
     tokenizer: Optional[str] = _f(None, "Tokenizer to use; defaults to the policy's.")
-    dtype: str = _f("float32", "Parameter dtype: float32 (use on CPU), bfloat16 or float16.")
+    dtype: str = _f("float32", "Dtype of the frozen models (reference, teachers) and of the policy's forward under autocast: float32 (use on CPU), bfloat16 or float16. The trained policy itself always holds float32 master weights.", _one_of(*DTYPES))
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint (off unless you trust it).")
 
 
@@ -51,10 +89,10 @@ class DataConfig:
 
     train_file: str = _f("", "JSONL file or `datasets` folder saved with save_to_disk.")
     split: str = _f("train", "Split to use when `train_file` is a DatasetDict folder.")
-    max_length: int = _f(512, "Maximum prompt+response tokens; longer responses are cut.")
-    max_prompt_length: int = _f(256, "Maximum prompt tokens; longer prompts keep their END.")
+    max_length: int = _f(512, "Maximum prompt+response tokens; longer responses are cut.", _ge(2))
+    max_prompt_length: int = _f(256, "Maximum prompt tokens; longer prompts keep their END.", _ge(1))
     use_chat_template: Optional[bool] = _f(None, "Wrap string prompts with the tokenizer's chat template (None: only for message lists).")
-    max_examples: Optional[int] = _f(None, "Use only the first N examples (quick runs).")
+    max_examples: Optional[int] = _f(None, "Use only the first N usable examples (quick runs); null: all.", _ge(1))
 
 
 @dataclass
@@ -62,58 +100,80 @@ class TrainConfig:
     """The optimisation loop."""
 
     output_dir: str = _f("outputs/run", "Folder for the final model, metrics.jsonl and checkpoints.")
-    seed: int = _f(0, "Seed for initialisation, data order and sampling.")
-    learning_rate: float = _f(1e-6, "Peak learning rate of the policy.")
-    optimizer: str = _f("adamw", "adamw, or sgd (plain SGD: updates are linear in the gradient, which the exactness tests rely on).")
-    weight_decay: float = _f(0.0, "AdamW weight decay of the policy.")
-    adam_betas: list = _f([0.9, 0.999], "AdamW betas.")
+    seed: int = _f(0, "Seed for initialisation and data order; process k samples with seed + k.", _ge(0))
+    learning_rate: float = _f(1e-6, "Peak learning rate of the policy.", _gt(0))
+    optimizer: str = _f("adamw", "adamw, or sgd (plain SGD: updates are linear in the gradient, which the exactness tests rely on).", _one_of("adamw", "sgd"))
+    weight_decay: float = _f(0.0, "AdamW weight decay of the policy.", _ge(0))
+    adam_betas: list = _f([0.9, 0.999], "AdamW betas.", Check(lambda v: len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"))
     lr_scheduler: str = _f("linear", "transformers scheduler name: linear, cosine, constant, constant_with_warmup ...")
-    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up.")
-    per_device_batch_size: int = _f(4, "Examples (pairs for pairwise methods) per process per micro-batch.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    num_epochs: float = _f(1.0, "Passes over the data (ignored when max_steps > 0).")
-    max_steps: int = _f(0, "Optimizer steps to run; 0 means derive from num_epochs.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    logging_steps: int = _f(1, "Write metrics every N optimizer steps.")
-    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0: only the final model).")
-    save_total_limit: int = _f(2, "Keep only the last K checkpoints.")
-    report_to: list = _f([], "Extra loggers: [tensorboard].")
+    warmup_ratio: float = _f(0.1, "Share of steps for linear warm-up.", _within(0, 1))
+    per_device_batch_size: int = _f(4, "Examples (pairs for pairwise methods) per process per micro-batch.", _ge(1))
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", _ge(1))
+    num_epochs: float = _f(1.0, "Passes over the data (ignored when max_steps > 0).", _gt(0))
+    max_steps: int = _f(0, "Optimizer steps to run; 0 means derive from num_epochs.", _ge(0))
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", _ge(0))
+    logging_steps: int = _f(1, "Write metrics every N optimizer steps.", _ge(1))
+    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0: only the final model).", _ge(0))
+    save_total_limit: int = _f(2, "Keep only the last K checkpoints of this run (other runs' checkpoints are never deleted).", _ge(1))
+    overwrite_output_dir: bool = _f(False, "Let a fresh run write into an output_dir that holds another run or other files (what is there may be overwritten); `train --overwrite` sets it too.")
+    report_to: list = _f([], "Extra loggers: [tensorboard].", Check(lambda v: set(v) <= {"tensorboard"}, "a list of: tensorboard"))
     progress_bar: bool = _f(True, "Show a progress bar with loss and time left.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the policy.")
-    loss_path: str = _f("fused", "fused: token-level losses computed in row chunks from final hidden states, never B x T x V; plain: full logits (the reference implementation).")
-    chunk_size: str = _f("auto", "fused path: response rows per chunk, a positive integer, or auto (as many rows as keep the chunk's full-vocabulary fp32 buffers within 128 MiB: 224 rows for AlignDistil at V=49,152, 64 at V=151,936). Larger chunks are faster and use more memory.")
+    loss_path: str = _f("fused", "fused: token-level losses computed in row chunks from final hidden states, never B x T x V; plain: full logits (the reference implementation).", _one_of("fused", "plain"))
+    chunk_size: str = _f("auto", "fused path: response rows per chunk, a positive integer, or auto (as many rows as keep the chunk's full-vocabulary fp32 buffers within 128 MiB: 224 rows for AlignDistil at V=49,152, 64 at V=151,936). Larger chunks are faster and use more memory.", Check(lambda v: _chunk_ok(v), "a positive integer (rows per chunk) or auto"))
     compile_loss: bool = _f(False, "fused path: torch.compile the element-wise chunk body (see BENCHMARKS.md for when it pays).")
     teacher_cache: Optional[str] = _f(None, "Folder of an exact teacher cache (final hidden states + alpha inputs of the frozen models, off-policy aligndistil and tdpo1/2); built on first use, refused if stale. The frozen models are then not loaded.")
-    teacher_cache_dtype: str = _f("float32", "Dtype of cached hidden states: float32 (exact) or bfloat16 (half the disk, approximate teacher logits).")
+    teacher_cache_dtype: str = _f("float32", "Dtype of cached hidden states: float32 (exact) or bfloat16 (half the disk, approximate teacher logits).", _one_of("float32", "bfloat16"))
 
 
 @dataclass
 class MethodConfig:
-    """The method and its hyper-parameters; names follow SPEC.md's symbols."""
+    """The method and its hyper-parameters; names follow the papers' symbols (docs/math.md)."""
 
-    name: str = _f("dpo", "sft, dpo, ipo, simpo, dpop, kto, tdpo1, tdpo2, sparsepo, mapo, aligndistil.")
-    beta: float = _f(0.1, "KL / temperature coefficient beta (dpo family, tdpo, sparsepo, aligndistil's RLHF beta).")
+    name: str = _f("dpo", "sft, dpo, ipo, simpo, dpop, kto, tdpo1, tdpo2, sparsepo, mapo, aligndistil, ppo, rto, reinforce.")
+    beta: float = _f(0.1, "KL / temperature coefficient beta (dpo family, tdpo, sparsepo, aligndistil's RLHF beta).", _gt(0))
     reverse: bool = _f(False, "dpo: swap chosen and rejected (train the reverse-DPO model).")
-    gamma: float = _f(5.0, "simpo: target margin gamma.")
-    lambda_: float = _f(50.0, "dpop: penalty weight lambda.")
-    alpha: float = _f(0.5, "tdpo2: weight of delta2; aligndistil teacher=constant: the constant alpha.")
-    desirable_weight: float = _f(1.0, "kto: lambda_D.")
-    undesirable_weight: float = _f(1.0, "kto: lambda_U.")
+    gamma: float = _f(5.0, "simpo: target margin gamma.", _ge(0))
+    lambda_: float = _f(50.0, "dpop: penalty weight lambda.", _ge(0))
+    alpha: float = _f(0.5, "tdpo2: weight of delta2; aligndistil teacher=constant: the constant alpha.", _ge(0))
+    desirable_weight: float = _f(1.0, "kto: lambda_D.", _gt(0))
+    undesirable_weight: float = _f(1.0, "kto: lambda_U.", _gt(0))
     mask_shared: bool = _f(True, "sparsepo: one mask for reward and KL (m_u = m_d) or two.")
-    lambda_u: float = _f(1e-3, "sparsepo: L1 weight of the reward mask.")
-    lambda_d: float = _f(1e-3, "sparsepo: L1 weight of the KL mask.")
-    mask_learning_rate: Optional[float] = _f(None, "sparsepo: learning rate of the mask network (default: the policy's).")
-    mask_weight_decay: float = _f(0.01, "sparsepo: weight decay of the mask network.")
+    lambda_u: float = _f(1e-3, "sparsepo: L1 weight of the reward mask.", _ge(0))
+    lambda_d: float = _f(1e-3, "sparsepo: L1 weight of the KL mask.", _ge(0))
+    mask_learning_rate: Optional[float] = _f(None, "sparsepo: learning rate of the mask network (default: the policy's).", _gt(0))
+    mask_weight_decay: float = _f(0.01, "sparsepo: weight decay of the mask network.", _ge(0))
     mode: str = _f("off_policy", "aligndistil: off_policy (prompt + chosen) or on_policy (sampled).")
     teacher: str = _f("adaptive", "aligndistil: vanilla, contrastive, adaptive or constant.")
-    beta0: float = _f(0.1, "aligndistil: the beta of the DPO models that make the teacher.")
-    r: float = _f(10.0, "aligndistil adaptive: alpha_t = r * TVD + eps.")
-    eps: float = _f(1e-3, "aligndistil adaptive: floor of alpha_t.")
+    beta0: float = _f(0.1, "aligndistil: the beta of the DPO models that make the teacher.", _gt(0))
+    r: float = _f(10.0, "aligndistil adaptive: alpha_t = r * TVD + eps.", _ge(0))
+    eps: float = _f(1e-3, "aligndistil adaptive: floor of alpha_t.", _gt(0))
     weighting: str = _f("beta_t", "aligndistil: per-token weight beta0/alpha_t (beta_t) or uniform.")
-    temperature: float = _f(1.0, "on-policy sampling temperature.")
-    top_p: float = _f(1.0, "on-policy nucleus sampling.")
-    max_new_tokens: int = _f(64, "on-policy: tokens sampled per response.")
-    num_samples: int = _f(1, "on-policy: responses sampled per prompt.")
+    temperature: float = _f(1.0, "on-policy sampling temperature.", _gt(0))
+    top_p: float = _f(1.0, "on-policy nucleus sampling.", _within(0, 1, lo_open=True))
+    max_new_tokens: int = _f(64, "on-policy: tokens sampled per response.", _ge(1))
+    num_samples: int = _f(1, "on-policy: responses sampled per prompt.", _ge(1))
+    # Online RL (ppo, rto, reinforce; docs/online-rl.md). TRL / OpenRLHF names where they exist.
+    reward: str = _f("vader", "ppo, rto (rto_recipe=rto): the sequence reward put on the last response token: vader, bt:DIR (a reward model from `aligndistil train-rm`) or module:function (prompts, responses) -> floats. It is given text: the prompt as the policy saw it and the response up to EOS, decoded.")
+    log_reward: Optional[str] = _f(None, "on-policy methods (ppo, rto, reinforce, aligndistil on_policy): a reward spec (as method.reward) scored on every rollout and logged as rollout/reward, never trained on; null: none.")
+    missing_eos_penalty: Optional[float] = _f(None, "ppo, rto: subtracted from the score of a response that hit max_new_tokens without EOS (TRL's missing_eos_penalty); null: such a response is scored as it is.", _ge(0))
+    kl_coef: float = _f(0.05, "ppo, rto: coefficient of the per-token KL penalty to the reference inside the reward (TRL kl_coef, OpenRLHF init_kl_coef); rto_recipe=aligndistil: the paper's beta2.", _ge(0))
+    kl_estimator: str = _f("k1", "ppo, rto: per-token KL estimator of that penalty: k1 (log-ratio) or k3 (exp(-d) + d - 1, never negative).", _one_of("k1", "k3"))
+    discount: float = _f(1.0, "ppo, rto: GAE discount gamma (TRL/OpenRLHF `gamma`; method.gamma is SimPO's margin).", _within(0, 1))
+    lam: float = _f(0.95, "ppo, rto: GAE lambda (TRL lam, OpenRLHF lambd).", _within(0, 1))
+    cliprange: float = _f(0.2, "ppo, rto: clip range eps of the policy ratio (TRL cliprange, OpenRLHF eps_clip).", _gt(0))
+    cliprange_value: Optional[float] = _f(0.2, "ppo, rto: clip range of the value around its rollout value (TRL cliprange_value, OpenRLHF value_clip); null: no value clipping.", _gt(0))
+    vf_coef: float = _f(0.1, "ppo, rto: weight of the value loss beside the policy loss (TRL vf_coef).", _ge(0))
+    ppo_epochs: int = _f(4, "ppo, rto: passes over each rollout batch (TRL num_ppo_epochs); one loop step = one rollout batch = ppo_epochs x num_mini_batches optimizer updates.", _ge(1))
+    num_mini_batches: int = _f(1, "ppo, rto: mini-batches per pass over the rollout batch (TRL num_mini_batches); each process splits its own rollout rows.", _ge(1))
+    whiten_advantages: bool = _f(True, "ppo, rto: whiten the advantages over each process's rollout batch (TRL always does).")
+    critic_init: str = _f("policy", "ppo, rto: the value model's initial weights: policy (the policy's body and a zero scalar head) or bt:DIR (a reward model's body and head, as OpenRLHF initialises its critic).")
+    critic_learning_rate: Optional[float] = _f(None, "ppo, rto: learning rate of the value model (default: the policy's).", _gt(0))
+    beta1: float = _f(0.05, "rto: scale beta1 of the DPO token reward beta1 * log pi_dpo(y_t)/pi_ref(y_t).", _gt(0))
+    rto_clip: Optional[float] = _f(0.05, "rto: the DPO token reward is clipped to [-c, c]; null: not clipped.", _gt(0))
+    rto_recipe: str = _f("rto", "rto: rto (the RTO authors': DPO token reward plus method.reward on the last token) or aligndistil (the AlignDistil paper's: DPO token reward only, kl_coef = beta2).", _one_of("rto", "aligndistil"))
+    level: str = _f("token", "reinforce: token (AlignDistil App. E Eq. 43: returns of the token contrastive reward, KL to pi_dpo per position) or sequence (Eq. 42: the contrastive reward of the whole response).", _one_of("sequence", "token"))
+    baseline: Optional[str] = _f(None, "reinforce: null (Eq. 42/43 as printed), mean (the prompt group's mean) or loo (leave-one-out, RLOO; needs num_samples >= 2).", _one_of("mean", "loo"))
 
 
 @dataclass
@@ -131,7 +191,8 @@ class RunConfig:
     def fingerprint(self) -> str:
         """A stable hash of every setting except where outputs go and how they are shown."""
         d = self.to_dict()
-        for k in ("output_dir", "progress_bar", "report_to", "logging_steps", "save_steps", "save_total_limit"):
+        for k in ("output_dir", "progress_bar", "report_to", "logging_steps", "save_steps", "save_total_limit",
+                  "overwrite_output_dir"):
             d["train"].pop(k, None)
         # Performance settings that leave the results equal (to float tolerance) are not part of
         # the fingerprint; an approximate (bf16) teacher cache is.
@@ -140,6 +201,76 @@ class RunConfig:
         if not self.train.teacher_cache or self.train.teacher_cache_dtype == "float32":
             d["train"].pop("teacher_cache_dtype", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def validate(self) -> "RunConfig":
+        """Refuse any value outside its field's allowed range (see :func:`validate`)."""
+        validate(self)
+        return self
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _chunk_ok(value) -> bool:
+    try:
+        parse_chunk_size(value)
+    except ValueError:
+        return False
+    return True
+
+
+def validate(cfg: "RunConfig", where: str = "") -> None:
+    """Check every set value against its field's ``check`` and every float for finiteness;
+    raise :class:`ConfigError` naming the first bad key, its value and what is allowed.
+
+    Only ranges that hold for every method are checked here; which names a method accepts
+    (``method.teacher``, ``method.mode`` ...) its declaration checks
+    (:func:`aligndistil.train.methods.get_method`).
+    """
+    prefix = f"{where}: " if where else ""
+    for sec in SECTIONS:
+        obj = getattr(cfg, sec)
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if v is None:
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{prefix}{sec}.{f.name} must be a finite number, got {v!r}")
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            try:
+                ok = bool(check.ok(v))
+            except TypeError:  # a value of the wrong type (set in Python, not through YAML)
+                ok = False
+            if not ok:
+                raise ConfigError(f"{prefix}{sec}.{f.name} must be {check.says}, got {v!r}")
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id (``org/name``) nor the embedded ``smollm2``."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") >= 2
+
+
+def check_paths(cfg: "RunConfig", roles=("reference", "dpo_model", "reverse_dpo_model")) -> None:
+    """Refuse a local model path (of the policy, tokenizer and the given frozen ``roles``) or
+    a ``data.train_file`` that does not exist, naming the key, before anything is loaded;
+    a path under a tiny workspace that was never made says how to make it."""
+    paths = {f"model.{k}": getattr(cfg.model, k) for k in ("policy", "tokenizer", *roles)}
+    paths["data.train_file"] = cfg.data.train_file
+    for key, path in paths.items():
+        if not path or (key != "data.train_file" and not _looks_local(path)) or Path(path).expanduser().exists():
+            continue
+        hint = ""
+        for parent in Path(path).expanduser().parents:
+            if parent.name == "tiny" and not (parent / "model").exists():
+                hint = f" (the tiny configs read {parent}: run `aligndistil make-tiny --out {parent}` first)"
+                break
+        else:
+            if key in ("model.dpo_model", "model.reverse_dpo_model"):
+                hint = " (the train.output_dir of a DPO run: train that run first)"
+        raise ConfigError(f"{key}: {path} does not exist{hint}")
 
 
 def parse_chunk_size(value) -> int | str:
@@ -162,10 +293,15 @@ def _section_class(name: str):
     return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "method": MethodConfig}[name]
 
 
+@functools.lru_cache(maxsize=None)
+def _types(cls) -> dict:
+    """Field name -> resolved type of a config dataclass (its annotations are strings under
+    ``from __future__ import annotations``; ``get_type_hints`` evaluates them safely)."""
+    return typing.get_type_hints(cls)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or command-line value to a field type, or raise ConfigError."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing))  # field types are strings under `from __future__ import annotations`
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -216,17 +352,21 @@ def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {sec!r} must be a mapping")
         obj = getattr(cfg, sec)
-        known = {f.name: f for f in fields(obj)}
+        known = _types(type(obj))
         for k, v in values.items():
             if k not in known:
                 raise ConfigError(f"{source}: unknown key {sec}.{k} (known: {', '.join(sorted(known))})")
-            setattr(obj, k, _coerce(v, known[k].type, f"{source}: {sec}.{k}"))
+            setattr(obj, k, _coerce(v, known[k], f"{source}: {sec}.{k}"))
     return cfg
 
 
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping with ``safe_load``; errors name the file (and line, when YAML knows it)."""
     path = Path(path)
+    if path.is_dir():
+        examples = sorted(p.name for p in path.glob("*.yaml"))[:3]
+        hint = f" such as {path / examples[0]}" if examples else ""
+        raise ConfigError(f"{path} is a folder; give a YAML config file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -247,23 +387,23 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"override {item!r}: key must be one of {list(SECTIONS)} followed by .name")
         sec, key = parts
         obj = getattr(cfg, sec)
-        known = {f.name: f for f in fields(obj)}
+        known = _types(type(obj))
         if key not in known:
             raise ConfigError(f"override {item!r}: unknown key {sec}.{key} (known: {', '.join(sorted(known))})")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        if known[key].type in ("str", "Optional[str]") and value is not None and not isinstance(value, str):
+        if known[key] in (str, Optional[str]) and value is not None and not isinstance(value, str):
             value = raw  # keep "1e-3"-like strings for string fields as typed
-        setattr(obj, key, _coerce(value, known[key].type, f"override {item!r}"))
+        setattr(obj, key, _coerce(value, known[key], f"override {item!r}"))
     return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config and apply command-line overrides."""
+    """Load a YAML run config, apply command-line overrides and check every value's range."""
     cfg = from_dict(load_yaml(path), str(path)) if path else RunConfig()
-    return apply_overrides(cfg, overrides or [])
+    return apply_overrides(cfg, overrides or []).validate()
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -272,12 +412,14 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def help_text() -> str:
-    """Every config key with its default and help string, for ``--help-config``."""
+    """Every config key with its default, help string and allowed range, for ``aligndistil config-help``."""
     lines = []
     for sec in SECTIONS:
         cls = _section_class(sec)
         lines.append(f"[{sec}]  {cls.__doc__.strip()}")
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {sec}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+            check = f.metadata.get("check")
+            allowed = f" (allowed: {check.says})" if check else ""
+            lines.append(f"  {sec}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}{allowed}")
     return "\n".join(lines)

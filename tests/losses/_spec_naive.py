@@ -1,4 +1,4 @@
-"""Naive float64 reference implementations written directly from /work/shared/SPEC.md.
+"""Naive float64 reference implementations written directly from the formulas in docs/math.md.
 
 Independent of the package on purpose: explicit loops over the batch ``b`` and the
 response tokens ``t``, an explicit softmax ``exp(z) / sum exp(z)``, and the formulas as

@@ -12,8 +12,11 @@ from aligndistil.losses.ops import token_tvd
 from aligndistil.losses import (
     adaptive_alpha,
     aligndistil_loss,
+    aligndistil_loss_from_stats,
     aligndistil_teacher_logits,
+    aligndistil_token_stats,
     contrastive_alpha,
+    kl_row_weight,
     vanilla_alpha,
 )
 
@@ -250,6 +253,48 @@ def test_vanilla_gradcheck_scalar_alpha():
     assert torch.autograd.gradcheck(f, (policy,))
     want = naive.aligndistil(policy, teacher, mask, alpha=2.0, beta0=0.1)
     torch.testing.assert_close(f(policy), want, rtol=1e-12, atol=1e-12)
+
+
+def test_kl_row_weight_is_the_gradient_of_the_composition():
+    """d losses_b / d kl_bt = beta_t mask_bt / |y_b| (the fused backward's shortcut), by hand on
+    hand_batch: beta_t = 0.1 / alpha_t, |y| = (2, 1)."""
+    _, _, mask, alpha = hand_batch()
+    kl = torch.rand(2, 2, dtype=F64, requires_grad=True)
+    cases = [
+        # (arguments, expected row weight, divided by alpha_t in the chunk)
+        ({"alpha": alpha}, [[0.2 / 2, 0.05 / 2], [0.1, 0.0]], False),
+        ({"alpha": alpha, "weighting": "uniform"}, [[0.5, 0.5], [1.0, 0.0]], False),
+        ({"alpha": 1.0, "beta": 0.05}, [[0.025, 0.025], [0.05, 0.0]], False),  # vanilla: beta on every token
+        ({}, [[0.1 / 2, 0.1 / 2], [0.1, 0.0]], True),  # adaptive: beta0 mask / |y|, then / alpha_t
+    ]
+    for kw, want, over in cases:
+        hint = kl_row_weight(mask, beta0=0.1, **kw)
+        assert hint["row_weight_over_alpha"] is over
+        torch.testing.assert_close(hint["row_weight"], t(want), rtol=0, atol=1e-15)
+        if not over:
+            losses, _ = aligndistil_loss_from_stats(kl, mask, beta0=0.1, **kw)
+            torch.testing.assert_close(torch.autograd.grad(losses.sum(), kl)[0], t(want), rtol=0, atol=1e-15)
+
+
+def test_plain_producer_is_teacher_then_reverse_kl():
+    """aligndistil_token_stats = token KL to aligndistil_teacher_logits; adaptive: alpha from the
+    teachers' TVD, or from a given TVD (the teacher cache's), which from_stats reports as tvd/mean."""
+    policy, dpo, rev, mask = random_batch(seed=4)
+    alpha = adaptive_alpha(dpo, rev, r=10.0)
+    kl, a, tvd = aligndistil_token_stats(policy, dpo, rev, mask, r=10.0)
+    torch.testing.assert_close(a, alpha, rtol=0, atol=0)
+    torch.testing.assert_close(tvd, (alpha - 1e-3) / 10.0, rtol=1e-12, atol=1e-12)
+    want, _ = aligndistil_loss(policy, aligndistil_teacher_logits(dpo, rev, alpha), mask, alpha=alpha)
+    got, metrics = aligndistil_loss_from_stats(kl, mask, alpha=a, tvd=tvd)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert metrics["tvd/mean"].tolist() == pytest.approx(((tvd * mask).sum(-1) / mask.sum(-1)).tolist(), abs=1e-15)
+    given = torch.full_like(tvd, 0.25)
+    kl2, a2, tvd2 = aligndistil_token_stats(policy, dpo, rev, mask, r=10.0, tvd=given)
+    assert torch.equal(tvd2, given)
+    torch.testing.assert_close(a2, torch.full_like(given, 2.501), rtol=0, atol=1e-15)  # 10 * 0.25 + 0.001
+    kl3, a3, tvd3 = aligndistil_token_stats(policy, dpo, rev, mask, alpha=2.501)
+    assert tvd3 is None and a3 == 2.501
+    torch.testing.assert_close(kl2, kl3, rtol=1e-12, atol=1e-15)
 
 
 # ------------------------------------------------------------------------------- bad input

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aligndistil.config import MethodConfig
 from aligndistil.data import PreferenceCollator
-from aligndistil.losses.ops import label_logps, token_kl
+from aligndistil.losses.ops import label_logps, token_kl, token_tvd
 from aligndistil import losses as L
 from aligndistil.losses import fused as FL
 from aligndistil.train.methods import StepContext, get_method
@@ -219,6 +219,45 @@ def test_functions_with_a_biased_head(chunk):
         assert_grad_close(x, y)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, "auto"])
+@pytest.mark.parametrize("teacher", ["adaptive", "cached_tvd", "per_token", "float"])
+def test_aligndistil_producers_agree(chunk, teacher):
+    """FL.aligndistil_token_stats returns what L.aligndistil_token_stats returns on full logits:
+    kl (and its gradient for any upstream gradient), alpha and tvd."""
+    h, W, b, mask, _ = _heads()
+    g = torch.Generator().manual_seed(1)
+    hb, hn = (torch.randn(*h.shape, generator=g) for _ in range(2))
+    Wb, Wn = (3 * torch.randn(V, D, generator=g) for _ in range(2))
+    kw = {"adaptive": {"r": 10.0}, "cached_tvd": {"r": 10.0, "tvd": torch.rand(mask.shape, generator=g)},
+          "per_token": {"alpha": 0.5 + torch.rand(mask.shape, generator=g)}, "float": {"alpha": 1.5}}[teacher]
+    plain = L.aligndistil_token_stats(torch.nn.functional.linear(h, W, b), hb @ Wb.t(), hn @ Wn.t(), mask, **kw)
+    fused = FL.aligndistil_token_stats(FL.HeadRows(h, W, b), FL.HeadRows(hb, Wb), FL.HeadRows(hn, Wn), mask,
+                                       chunk_size=chunk, **kw)
+    assert_grad_close((fused[0] * mask).detach(), (plain[0] * mask).detach(), msg="kl")
+    for name, x, y in (("alpha", fused[1], plain[1]), ("tvd", fused[2], plain[2])):
+        assert (x is None) == (y is None), name
+        if isinstance(x, torch.Tensor):
+            assert_grad_close(x * mask, y * mask, msg=name)
+        else:
+            assert x == y, name
+    up = torch.randn(mask.shape, generator=g) * mask
+    ga = torch.autograd.grad((fused[0] * up).sum(), (h, W, b))
+    gb = torch.autograd.grad((plain[0] * up).sum(), (h, W, b))
+    for x, y in zip(ga, gb):
+        assert_grad_close(x, y)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, "auto"])
+def test_teacher_tvd_equals_token_tvd(chunk):
+    """The teacher cache's fused TVD equals ops.token_tvd on the masked rows, 0 elsewhere."""
+    h, W, b, mask, _ = _heads()
+    hn, Wn = torch.randn(*h.shape[:2], D), 3 * torch.randn(V, D)
+    got = FL.teacher_tvd(FL.HeadRows(h, W, b), FL.HeadRows(hn, Wn), mask, chunk_size=chunk)
+    want = token_tvd(torch.nn.functional.linear(h, W, b), hn @ Wn.t()) * mask
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not got.requires_grad
+
+
 def test_half_precision_head_is_computed_in_fp32():
     """A bf16 head (upcast to fp32 on a CPU without fast bf16) equals the fp32 plain result."""
     h, W, b, mask, labels = _heads(bias=False)
@@ -278,6 +317,10 @@ def test_auto_chunk_rows_fit_the_budget():
     a huge vocabulary still gets 16 rows, a tiny one at most 4096."""
     assert FL.auto_chunk_rows(3, 49152) == 224
     assert FL.auto_chunk_rows(3, 151936) == 64
+    # On a GPU the budget is 1 GiB: 2**30 // (3 * 151936 * 4) = 589 -> 576; with a bf16 head's
+    # extra buffer 2**30 // (4 * 151936 * 4) = 441 -> 432.
+    assert FL.auto_chunk_rows(3, 151936, device_type="cuda") == 576
+    assert FL.auto_chunk_rows(4, 151936, device_type="cuda") == 432
     assert FL.auto_chunk_rows(1, 49152) == 672
     assert FL.auto_chunk_rows(4, 10**7) == 16
     assert FL.auto_chunk_rows(3, V) == 4096
@@ -296,16 +339,16 @@ def test_hidden_size_that_does_not_match_the_head():
         FL.label_logps(FL.HeadRows(h, W[:, :15], b), labels, mask)
     z = FL.HeadRows(h, W, b)
     with pytest.raises(ValueError, match="base: hidden size 16 does not match"):
-        FL.aligndistil_loss(z, FL.HeadRows(h.detach(), W.detach()[:, :15]), z, labels, mask, alpha=1.0)
+        FL.aligndistil_token_stats(z, FL.HeadRows(h.detach(), W.detach()[:, :15]), z, mask, alpha=1.0)
 
 
 def test_teacher_with_another_vocabulary_or_rows():
     h, W, b, mask, labels = _heads()
     z = FL.HeadRows(h, W, b)
     with pytest.raises(ValueError, match="vocabulary of 30 but the policy has 37"):
-        FL.aligndistil_loss(z, FL.HeadRows(h.detach(), W.detach()[:30]), z, labels, mask, alpha=1.0)
+        FL.aligndistil_token_stats(z, FL.HeadRows(h.detach(), W.detach()[:30]), z, mask, alpha=1.0)
     with pytest.raises(ValueError, match="rows"):
-        FL.aligndistil_loss(z, FL.HeadRows(h.detach()[:, :3], W.detach()), z, labels, mask, alpha=1.0)
+        FL.aligndistil_token_stats(z, FL.HeadRows(h.detach()[:, :3], W.detach()), z, mask, alpha=1.0)
     with pytest.raises(ValueError, match="outside"):
         FL.label_logps(z, labels + V, mask)
 

@@ -73,3 +73,22 @@ def test_on_policy_samples_are_masked_to_the_sample(tiny_ws):
 
     gen = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
     assert response_mask_after_eos(gen, [2]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_the_loss_path_in_use_is_recorded_and_a_fallback_is_named(tiny_ws, tmp_path):
+    """A fallback from the fused path is never silent: COMPLETE.json says which path ran and,
+    for a fallback, which model's logits are not lm_head(hidden)."""
+    import shutil
+
+    def path_of(out):
+        return json.loads((out / "COMPLETE.json").read_text())["loss_path"]
+
+    assert path_of(Trainer(make_cfg(tiny_ws, tmp_path / "f", "dpo")).train()) == "fused"
+    assert path_of(Trainer(make_cfg(tiny_ws, tmp_path / "p", "dpo", ["train.loss_path=plain"])).train()) == "plain"
+    capped = tmp_path / "capped"
+    shutil.copytree(tiny_ws["model"], capped)
+    conf = json.loads((capped / "config.json").read_text())
+    (capped / "config.json").write_text(json.dumps({**conf, "final_logit_softcapping": 30.0}))
+    ws = {**tiny_ws, "model2": str(capped)}
+    out = Trainer(make_cfg(ws, tmp_path / "a", "aligndistil", ["method.mode=off_policy"])).train()
+    assert path_of(out) == "plain (fallback: the logits of dpo_model are not lm_head(hidden))"

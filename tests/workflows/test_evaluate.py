@@ -1,9 +1,12 @@
-"""Evaluation metrics on hand-made cases, and the evaluation run on the tiny model."""
+"""The evaluation run on the tiny model: scoring samples and pairs, end to end, the CLI.
+
+The pure metrics are tested in ``test_eval_metrics.py``, the sampler in
+``tests/model/test_sampling.py``.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import textwrap
@@ -13,81 +16,14 @@ import torch
 
 from aligndistil.workflows.evaluate import (
     EvalError,
-    continuation_logits,
+    EvalSettings,
     distinct_n,
     evaluate,
-    implicit_rewards,
-    mean_ci95,
     pair_logps,
-    reward_accuracy,
-    sequence_kl_mc,
-    sequence_kl_tokenwise,
+    sample_logits,
 )
 
 PROMPTS = ["Review the film:", "Review this cafe:", "Review my phone:", "Review the park:", "Review that song:"]
-
-
-# ---------------------------------------------------------------------------- pure metrics
-def test_mean_ci95_formula():
-    mean, half = mean_ci95([1.0, 2.0, 3.0, 4.0])
-    assert mean == pytest.approx(2.5)
-    # sample sd = sqrt(5/3); half = 1.96 * sd / sqrt(4)
-    assert half == pytest.approx(1.959963984540054 * math.sqrt(5 / 3) / 2)
-    assert mean_ci95([3.0, 3.0, 3.0]) == (3.0, 0.0)
-    m, h = mean_ci95([0.7])
-    assert m == 0.7 and math.isnan(h)
-    with pytest.raises(ValueError):
-        mean_ci95([])
-    with pytest.raises(ValueError, match="non-finite"):
-        mean_ci95([1.0, float("nan")])
-
-
-def test_distinct_n_hand_made():
-    # bigrams: (a,b) (b,c) | (a,b) (b,d) -> 3 unique of 4
-    assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(0.75)
-    # n-grams do not cross texts: "c" + "a" is not a bigram
-    assert distinct_n(["a b c", "a"], 2) == pytest.approx(1.0)
-    assert distinct_n(["x x x x"], 2) == pytest.approx(1 / 3)
-    assert distinct_n(["a b a"], 1) == pytest.approx(2 / 3)
-    assert distinct_n(["one", ""], 2) == 0.0
-    with pytest.raises(ValueError):
-        distinct_n(["a b"], 0)
-
-
-def test_reward_accuracy_known_answers():
-    assert reward_accuracy([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]) == 1.0
-    assert reward_accuracy([0.0, 1.0], [1.0, 2.0]) == 0.0
-    # a win, a loss and a tie (half)
-    assert reward_accuracy([1.0, 2.0, 3.0], [0.0, 3.0, 3.0]) == pytest.approx(0.5)
-    assert reward_accuracy([5.0] * 4, [5.0] * 4) == 0.5  # a constant reward is at chance
-    with pytest.raises(ValueError):
-        reward_accuracy([1.0], [])
-
-
-def test_implicit_rewards():
-    assert implicit_rewards([-1.0, -2.0], [-3.0, -2.0], 0.1) == pytest.approx([0.2, 0.0])
-    with pytest.raises(ValueError):
-        implicit_rewards([1.0], [1.0, 2.0], 0.1)
-
-
-def test_sequence_kl_mc_hand_made():
-    lp_self = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
-    lp_other = torch.tensor([[-2.0, -2.5, -9.0], [-1.0, -0.1, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    out = sequence_kl_mc(lp_self, lp_other, mask)
-    assert out.tolist() == pytest.approx([1.0 + 0.5, 0.5 - 0.4])  # masked position ignored
-    assert sequence_kl_mc(lp_self, lp_self, mask).tolist() == [0.0, 0.0]
-
-
-def test_sequence_kl_tokenwise_hand_made():
-    p = torch.tensor([0.5, 0.5]).log()
-    q = torch.tensor([0.9, 0.1]).log()
-    logits_self = torch.stack([p, p])[None]  # (1, 2, 2)
-    logits_other = torch.stack([q, p])[None]
-    mask = torch.tensor([[1.0, 1.0]])
-    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # second position: KL(p||p) = 0
-    assert sequence_kl_tokenwise(logits_self, logits_other, mask).item() == pytest.approx(expected, rel=1e-5)
-    assert sequence_kl_tokenwise(logits_self, logits_self, mask).item() == pytest.approx(0.0, abs=1e-7)
 
 
 # ---------------------------------------------------------------------------- model passes
@@ -98,34 +34,29 @@ def tiny(tiny_ws):
     return load_causal_lm(tiny_ws["model"]), load_tokenizer(tiny_ws["model"])
 
 
-def test_sampling_logps_and_continuation_match_a_full_forward(tiny):
-    """The cached, left-padded paths give the same log-probs as one teacher-forced forward."""
-    from aligndistil.model.sampling import encode_prompts, left_pad, sample_with_logprobs
-    from aligndistil.losses.ops import label_logps
-    from aligndistil.model.outputs import response_outputs
+def test_sample_logits_equal_the_samplers_own_logits(tiny):
+    """The other model's pass over samples (one forward over [prompt ; sample]) and the KV-cache
+    sampling loop agree on the sampler's own samples: a model's KL to itself is 0."""
+    from aligndistil.data.collate import pad_with_mask
+    from aligndistil.model.sampling import encode_prompts, sample_with_logprobs
 
     model, tok = tiny
-    ids, att = left_pad(encode_prompts(tok, PROMPTS), tok.pad_token_id)
+    ids, att = pad_with_mask(encode_prompts(tok, PROMPTS), tok.pad_token_id, side="left")
     # EOS = a frequent character, so some rows end early and are padded after it
     g = sample_with_logprobs(model, ids, att, max_new_tokens=12, seeds=list(range(len(PROMPTS))),
                              eos_token_ids=[tok.convert_tokens_to_ids("e")], pad_token_id=tok.pad_token_id,
                              return_logits=True)
-    full_ids = torch.cat([ids, g["tokens"]], 1)
-    full_att = torch.cat([att, g["mask"]], 1)
-    resp = torch.cat([torch.zeros_like(att), g["mask"]], 1)
-    ref = response_outputs(model, full_ids, full_att, resp)
-    T = ref.logits.shape[1]
-    with torch.no_grad():
-        lp_ref = label_logps(ref.logits, ref.labels) * ref.mask
-    torch.testing.assert_close(g["logps"][:, :T], lp_ref, atol=1e-4, rtol=0)
-    cont = continuation_logits(model, ids, att, g["tokens"], g["mask"])
-    m = g["mask"][:, :T].bool()
-    torch.testing.assert_close(cont[:, :T][m], ref.logits[m], atol=1e-4, rtol=0)
-    torch.testing.assert_close(g["logits"][:, :T][m], ref.logits[m], atol=1e-4, rtol=0)
+    out = sample_logits(model, ids, att, g["tokens"], g["mask"])
+    assert out.logits.shape == g["logits"].shape  # N kept: the longest row covers every step
+    assert torch.equal(out.mask.long(), g["mask"]) and torch.equal(out.labels, g["tokens"] * g["mask"])
+    m = g["mask"].bool()
+    torch.testing.assert_close(out.logits[m], g["logits"][m], atol=1e-4, rtol=0)
 
 
 def test_pair_logps_match_a_teacher_forced_forward(tiny_ws, tiny):
-    """The prompt-cached pair scoring equals log pi(y|x) from one forward over [prompt ; response]."""
+    """Pair scoring in batches of 5 equals log pi(y|x) from one padded forward over all pairs, and,
+    for the first pairs, the sum over response tokens of log_softmax(logits at the position
+    before the token) from a forward over the unpadded [prompt ; response] alone."""
     from aligndistil.data import PreferenceCollator, build_dataset
     from aligndistil.losses.ops import label_logps
     from aligndistil.model.outputs import pair_outputs
@@ -141,18 +72,14 @@ def test_pair_logps_match_a_teacher_forced_forward(tiny_ws, tiny):
         want_r = (label_logps(r.logits, r.labels) * r.mask).sum(-1)
     assert chosen == pytest.approx(want_c.tolist(), abs=1e-3)
     assert rejected == pytest.approx(want_r.tolist(), abs=1e-3)
-
-
-def test_generation_is_reproducible_across_batch_sizes(tiny):
-    from aligndistil.model.sampling import generate_texts
-
-    model, tok = tiny
-    a = generate_texts(model, tok, PROMPTS, num_samples=2, max_new_tokens=8, seed=3, batch_size=10)
-    b = generate_texts(model, tok, PROMPTS, num_samples=2, max_new_tokens=8, seed=3, batch_size=3)
-    c = generate_texts(model, tok, PROMPTS, num_samples=2, max_new_tokens=8, seed=4, batch_size=10)
-    assert [r["response"] for r in a] == [r["response"] for r in b]
-    assert [r["response"] for r in a] != [r["response"] for r in c]
-    assert [(r["prompt_index"], r["sample_index"]) for r in a] == [(i, s) for i in range(5) for s in range(2)]
+    for i, f in enumerate(feats[:4]):
+        for key, got in (("chosen_ids", chosen[i]), ("rejected_ids", rejected[i])):
+            seq = torch.tensor([f["prompt_ids"] + f[key]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+            P = len(f["prompt_ids"])
+            by_hand = sum(float(logp[P + t - 1, y]) for t, y in enumerate(f[key]))
+            assert got == pytest.approx(by_hand, abs=1e-3)
 
 
 def test_reward_accuracy_of_implicit_rewards_on_known_pairs(tiny_ws, tmp_path, tiny):
@@ -254,3 +181,20 @@ def test_eval_cli(tiny_ws, tmp_path, reward_module, capsys):
     assert rc == 2
     assert "non-finite" in capsys.readouterr().err
     assert not (tmp_path / "e2" / "results.json").exists()
+
+
+def test_settings_as_keywords_or_dataclass(tmp_path):
+    """The CLI passes settings as keywords, the quickstart as an EvalSettings: both are checked
+    before any model is loaded."""
+    with pytest.raises(TypeError, match="bogus"):
+        evaluate({"m": "x"}, reference="x", out_dir=tmp_path, bogus=1)
+    with pytest.raises(TypeError, match="reference"):
+        evaluate({"m": "x"}, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="at least one model"):
+        evaluate({}, EvalSettings(reference="x"), out_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):  # a keyword overrides the dataclass
+        evaluate({"m": "x"}, EvalSettings(reference="x"), out_dir=tmp_path, pairs=str(tmp_path / "nope.jsonl"))
+    s = EvalSettings(reference="r", prompts=["a", "b"], temperature=0.7)
+    rec = s.record(["a", "b"])
+    assert rec["prompts"] == "2 prompts" and rec["n_prompts"] == 2 and rec["kl_estimator_unbiased"] is False
+

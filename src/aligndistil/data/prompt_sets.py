@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from aligndistil.errors import AlignDistilError
 
 __all__ = ["PROMPT_SETS", "PromptFileError", "load_prompts", "prompt_set_path"]
 
@@ -25,7 +26,7 @@ PROMPT_SETS: dict[str, str] = {
 }
 
 
-class PromptFileError(ValueError):
+class PromptFileError(AlignDistilError, ValueError):
     """A prompt file is missing, unreadable, or has an empty or duplicate line."""
 
 

@@ -87,3 +87,19 @@ def check_token_logps(name: str, logps: torch.Tensor, mask: torch.Tensor | None,
             raise ValueError(f"{name} has shape {tuple(logps.shape)} but {mask_name} has {tuple(mask.shape)}")
         check_mask(mask_name, mask, logps.shape)
     check_finite(name, logps)
+
+
+def check_teacher_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two teachers' logits: one shape, finite values."""
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+    check_finite(name_a, a)
+    check_finite(name_b, b)
+
+
+def check_adaptive(r: float | None, eps: float) -> None:
+    """``r >= 0`` (required) and ``eps > 0`` (keeps ``beta_t = beta0 / alpha_t`` finite)."""
+    if r is None:
+        raise ValueError("the adaptive teacher needs r (alpha_t = r * TVD + eps); pass r, or a fixed alpha")
+    check_nonnegative("r", r)
+    check_positive("eps", eps)

@@ -2,7 +2,7 @@
 
 These are the baselines the token-level papers compare against. They only need the
 log-probability of each response token, so they take per-token log-probs ``(B, T)`` with a
-response mask (the output of :func:`aligndistil.model.outputs.label_logps` on aligned logits), or
+response mask (the output of :func:`aligndistil.losses.ops.label_logps` on aligned logits), or
 already-summed sequence log-probs ``(B,)`` when the mask is ``None``.
 
 Every function returns ``(losses, metrics)``: ``losses`` is ``(B,)``, one value per pair
@@ -80,7 +80,7 @@ def dpo_loss(
     """DPO (Rafailov et al. 2023, Eq. 7): ``-log sigma(beta * (Delta_theta - Delta_ref))``.
 
     ``Delta_m = log pi_m(y_w|x) - log pi_m(y_l|x)`` with sequence log-probs summed over
-    response tokens (SPEC "DPO and its token reward").
+    response tokens.
 
     Args:
         policy_chosen_logps: ``(B, Tw)`` per-token log-probs of ``y_w`` under the policy,
@@ -122,7 +122,7 @@ def ipo_loss(
     *,
     beta: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """IPO (Azar et al. 2024, the empirical IPO loss; SPEC "Baselines"): ``(h - 1/(2 beta))^2``, ``h = Delta_theta - Delta_ref``.
+    """IPO (Azar et al. 2024, the empirical IPO loss): ``(h - 1/(2 beta))^2``, ``h = Delta_theta - Delta_ref``.
 
     ``beta`` is IPO's regularisation ``tau`` (> 0). Log-probs are sequence SUMS, as in the
     IPO paper (TRL averages them per token instead; that is a different loss).
@@ -150,7 +150,7 @@ def dpop_loss(
     beta: float = 0.1,
     lambda_: float = 50.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO-Positive (Pal et al. 2024; SPEC "Baselines", lambda = 50).
+    """DPO-Positive (Pal et al. 2024, "Smaug"; lambda = 50).
 
     ``-log sigma(beta * (Delta_theta - Delta_ref - lambda * max(0, log pi_ref(y_w|x) -
     log pi_theta(y_w|x))))``: the extra term penalises any drop of the chosen response's
@@ -181,10 +181,10 @@ def simpo_loss(
     beta: float = 10.0,
     gamma: float = 5.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SimPO (Meng et al. 2024; SPEC "Baselines"): reference-free, length-normalised.
+    """SimPO (Meng et al. 2024): reference-free, length-normalised.
 
     ``-log sigma((beta/|y_w|) log pi(y_w|x) - (beta/|y_l|) log pi(y_l|x) - gamma)``.
-    SPEC values: ``beta = 10``, ``gamma / beta = 0.5`` so ``gamma = 5``.
+    The paper's setting, the defaults here: ``beta = 10``, ``gamma / beta = 0.5`` so ``gamma = 5``.
 
     Args:
         policy_chosen_logps: ``(B, Tw)`` per-token log-probs of ``y_w``.
@@ -230,7 +230,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KTO (Ethayarajh et al. 2024; SPEC "Baselines"), for unpaired examples.
+    """KTO (Ethayarajh et al. 2024), for unpaired examples.
 
     With ``r = log pi_theta(y|x) - log pi_ref(y|x)`` (sequence sums) and reference point
     ``z0`` (an estimate of ``KL(pi_theta || pi_ref)``, detached and clamped at 0):

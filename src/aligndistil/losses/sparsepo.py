@@ -1,4 +1,5 @@
-"""SparsePO and MaPO: token masks on TDPO's reward and KL terms (sparsepo-paper.txt §2.2-2.3).
+"""SparsePO and MaPO: token masks on TDPO's reward and KL terms ("SparsePO: Controlling Preference
+Alignment of LLMs via Sparse Token Masks", Christopoulou et al. 2024, Sec. 2.2-2.3).
 
 SparsePO weights each token's reward contribution by ``m_u(t) >= 0`` and each token's
 forward-KL contribution by ``m_d(t) >= 0`` (Eq. 6 and the ``D_MaskKL`` definition below it);
@@ -12,6 +13,10 @@ with ``m_u = m_d = 1`` it is exactly TDPO1. The masks come from the REFERENCE mo
 Masks are per response token and must be aligned the same way as the logits (the hidden
 state at the position that PREDICTS token ``t``), so pass hidden states through
 :func:`aligndistil.model.outputs.align_to_response` first.
+
+The per-token statistics are TDPO's (:func:`aligndistil.losses.tdpo.pair_token_stats` on
+logits, :func:`aligndistil.losses.fused.token_level_stats` fused); the composition, with
+its validation, lives once in :func:`sparsepo_loss_from_stats`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from aligndistil.losses.checks import check_mask, check_nonnegative, check_positive
-from aligndistil.losses.tdpo import _check_pair_logits, pair_token_stats, token_level_dpo_from_stats
+from aligndistil.losses.tdpo import pair_token_stats, token_level_dpo_from_stats
 
 
 def sparsepo_loss(
@@ -65,23 +70,8 @@ def sparsepo_loss(
         entries on response tokens that are exactly 0, reward and KL masks pooled) and
         ``mask/reward_mean``, ``mask/kl_mean``.
     """
-    check_positive("beta", beta)
-    check_nonnegative("lambda_u", lambda_u)
-    check_nonnegative("lambda_d", lambda_d)
-    _check_pair_logits(policy_chosen_logits, policy_rejected_logits, reference_chosen_logits,
-                       reference_rejected_logits, chosen_labels, rejected_labels, chosen_mask, rejected_mask)
-    for name, m, ref in (
-        ("chosen_reward_mask", chosen_reward_mask, chosen_mask),
-        ("rejected_reward_mask", rejected_reward_mask, rejected_mask),
-        ("chosen_kl_mask", chosen_kl_mask, chosen_mask),
-        ("rejected_kl_mask", rejected_kl_mask, rejected_mask),
-    ):
-        if m.shape != ref.shape:
-            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
-        if not torch.isfinite(m.detach()).all() or bool((m.detach() < 0).any()):
-            raise ValueError(f"{name} must be finite and >= 0")
     stats = pair_token_stats(policy_chosen_logits, policy_rejected_logits, reference_chosen_logits,
-                             reference_rejected_logits, chosen_labels, rejected_labels)
+                             reference_rejected_logits, chosen_labels, rejected_labels, chosen_mask, rejected_mask)
     return sparsepo_loss_from_stats(
         *stats, chosen_mask, rejected_mask, chosen_reward_mask, rejected_reward_mask,
         chosen_kl_mask, rejected_kl_mask, beta=beta, lambda_u=lambda_u, lambda_d=lambda_d,
@@ -92,9 +82,23 @@ def sparsepo_loss_from_stats(
     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
     chosen_kl, rejected_kl, chosen_mask, rejected_mask,
     chosen_reward_mask, rejected_reward_mask, chosen_kl_mask, rejected_kl_mask,
-    *, beta: float, lambda_u: float = 0.0, lambda_d: float = 0.0,
+    *, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`sparsepo_loss` from per-token statistics ``(B, T)`` (the fused path's entry)."""
+    """:func:`sparsepo_loss` from per-token statistics ``(B, T)`` (either producer's): checks the
+    masks and weights, then TDPO's core with the masks plus the L1 terms."""
+    check_positive("beta", beta)
+    check_nonnegative("lambda_u", lambda_u)
+    check_nonnegative("lambda_d", lambda_d)
+    for name, m, ref in (
+        ("chosen_reward_mask", chosen_reward_mask, chosen_mask),
+        ("rejected_reward_mask", rejected_reward_mask, rejected_mask),
+        ("chosen_kl_mask", chosen_kl_mask, chosen_mask),
+        ("rejected_kl_mask", rejected_kl_mask, rejected_mask),
+    ):
+        if m.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
+        if not torch.isfinite(m.detach()).all() or bool((m.detach() < 0).any()):
+            raise ValueError(f"{name} must be finite and >= 0")
     losses, metrics = token_level_dpo_from_stats(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         chosen_kl, rejected_kl, chosen_mask, rejected_mask, beta=beta,
@@ -115,7 +119,7 @@ def sparsepo_loss_from_stats(
 
 
 def mask_sparsity(masks: Sequence[torch.Tensor], response_masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Share of mask entries on response tokens that are exactly 0 (SPEC: "mask sparsity")."""
+    """Share of mask entries on response tokens that are exactly 0 (the "mask sparsity" the paper reports)."""
     zeros = sum(((m.detach() == 0).float() * r).sum() for m, r in zip(masks, response_masks))
     total = sum(r.sum() for r in response_masks)
     return zeros / total

@@ -1,15 +1,19 @@
-"""TDPO: DPO with token-level forward-KL terms (Zeng et al. 2024, tdpo-paper.md §4.4).
+"""TDPO: DPO with token-level forward-KL terms ("Token-level Direct Preference Optimization",
+Zeng et al. 2024, Sec. 4.4).
 
 TDPO keeps DPO's sequence-level reward margin ``u`` (Eq. 13) and subtracts the difference
 of the two responses' sequential KL divergences ``delta`` (Eq. 14), where
 ``SeqKL(x, y) = sum_t KL(pi_ref(.|s_t) || pi_theta(.|s_t))`` (Eq. 10) is a FORWARD KL
 (reference first), computed exactly over the vocabulary at every response token.
 
-The module has two layers. :func:`tdpo_loss` takes aligned logits, which is what a reader
-checks against the paper. :func:`token_level_dpo_from_stats` takes the per-token statistics
-(label log-probs and per-token KL) that a fused, chunked implementation produces without
-ever holding ``(B, T, V)``; SparsePO (:mod:`.sparsepo`) is the same function with token
-masks, so TDPO1 is exactly SparsePO with masks of ones.
+Two layers. A STATISTICS PRODUCER turns logits into per-token label log-probs and forward
+KL: :func:`pair_token_stats` on full logits, or
+:func:`aligndistil.losses.fused.token_level_stats` chunk by chunk from hidden states and
+head weights, never holding ``(B, T, V)``. The composition then lives once:
+:func:`token_level_dpo_from_stats` is the shared core (SparsePO, :mod:`.sparsepo`, is the
+same function with token masks, so TDPO1 is exactly SparsePO with masks of ones) and
+:func:`tdpo_loss_from_stats` picks TDPO1 or TDPO2. :func:`tdpo_loss` is the plain
+producer followed by that composition, which is what a reader checks against the paper.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aligndistil.losses.ops import label_logps, token_kl
 from aligndistil.losses.checks import check_labels, check_logits, check_nonnegative, check_positive
+from aligndistil.losses.ops import label_logps, token_kl
 
 
 def token_level_dpo_from_stats(
@@ -57,6 +61,8 @@ def token_level_dpo_from_stats(
         rewards ``beta * sum_t m_u log pi_theta/pi_ref`` summed per response),
         ``logps/*``, and ``kl/chosen``, ``kl/rejected``: the unmasked ``SeqKL``.
     """
+    check_positive("beta", beta)
+
     def wsum(x, mask, weight):
         w = mask if weight is None else mask * weight
         return (x * w).sum(dim=-1)
@@ -105,8 +111,19 @@ def _check_pair_logits(policy_chosen_logits, policy_rejected_logits, reference_c
 
 
 def pair_token_stats(policy_chosen_logits, policy_rejected_logits, reference_chosen_logits,
-                     reference_rejected_logits, chosen_labels, rejected_labels):
-    """Label log-probs and forward KL(ref || theta) per token for both responses (plain path)."""
+                     reference_rejected_logits, chosen_labels, rejected_labels, chosen_mask, rejected_mask):
+    """Plain statistics producer: label log-probs and forward ``KL(pi_ref || pi_theta)`` per token.
+
+    Args: as :func:`tdpo_loss` (logits ``(B, T, V)``, labels and masks ``(B, T)``); the same
+    as :func:`aligndistil.losses.fused.token_level_stats` with full logits for ``HeadRows``.
+
+    Returns:
+        ``(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_kl, rejected_kl)``, each ``(B, T)``: the first
+        arguments of :func:`token_level_dpo_from_stats`. No gradient reaches the reference.
+    """
+    _check_pair_logits(policy_chosen_logits, policy_rejected_logits, reference_chosen_logits,
+                       reference_rejected_logits, chosen_labels, rejected_labels, chosen_mask, rejected_mask)
     ref_c = reference_chosen_logits.detach()
     ref_r = reference_rejected_logits.detach()
     return (
@@ -116,6 +133,26 @@ def pair_token_stats(policy_chosen_logits, policy_rejected_logits, reference_cho
         label_logps(ref_r, rejected_labels),
         token_kl(ref_c, policy_chosen_logits),
         token_kl(ref_r, policy_rejected_logits),
+    )
+
+
+def tdpo_loss_from_stats(
+    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+    chosen_kl, rejected_kl, chosen_mask, rejected_mask, *, variant: int, beta: float = 0.1, alpha: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TDPO1 (Eq. 15) or TDPO2 (Eq. 17-18) from per-token statistics ``(B, T)`` (either producer's).
+
+    TDPO1 is :func:`token_level_dpo_from_stats` with ``alpha = 1``; TDPO2 weights ``delta2``
+    by ``alpha`` and stops the gradient of the chosen response's ``SeqKL``. ``variant`` is
+    required, never defaulted; ``alpha`` is checked (>= 0) for both variants.
+    """
+    if variant not in (1, 2):
+        raise ValueError(f"variant must be 1 or 2 (TDPO1 or TDPO2), got {variant!r}")
+    check_nonnegative("alpha", alpha)
+    return token_level_dpo_from_stats(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        chosen_kl, rejected_kl, chosen_mask, rejected_mask, beta=beta,
+        alpha=1.0 if variant == 1 else alpha, stop_grad_chosen_kl=(variant == 2),
     )
 
 
@@ -133,7 +170,7 @@ def tdpo_loss(
     beta: float = 0.1,
     alpha: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """TDPO1 (Eq. 15) or TDPO2 (Eq. 17-18); ``variant`` is required, never defaulted.
+    """TDPO1 (Eq. 15) or TDPO2 (Eq. 17-18) on aligned logits; ``variant`` is required, never defaulted.
 
     - ``u = beta sum_t log pi_theta/pi_ref (y_w,t) - beta sum_t log pi_theta/pi_ref (y_l,t)`` (Eq. 13)
     - TDPO1: ``-log sigma(u - delta)``, ``delta = beta SeqKL(x, y_l) - beta SeqKL(x, y_w)`` (Eq. 14)
@@ -141,6 +178,7 @@ def tdpo_loss(
       ``delta2 = beta SeqKL(x, y_l) - sg(beta SeqKL(x, y_w))`` (Eq. 18)
 
     with ``SeqKL(x, y) = sum_t KL(pi_ref(.|s_t) || pi_theta(.|s_t))`` (Eq. 10, forward KL).
+    :func:`pair_token_stats` then :func:`tdpo_loss_from_stats`.
 
     Args:
         policy_chosen_logits: ``(B, Tw, V)`` policy logits aligned to ``y_w`` tokens.
@@ -156,15 +194,6 @@ def tdpo_loss(
     Returns:
         ``losses (B,)`` and detached metrics (see :func:`token_level_dpo_from_stats`).
     """
-    if variant not in (1, 2):
-        raise ValueError(f"variant must be 1 or 2 (TDPO1 or TDPO2), got {variant!r}")
-    check_positive("beta", beta)
-    check_nonnegative("alpha", alpha)
-    _check_pair_logits(policy_chosen_logits, policy_rejected_logits, reference_chosen_logits,
-                       reference_rejected_logits, chosen_labels, rejected_labels, chosen_mask, rejected_mask)
     stats = pair_token_stats(policy_chosen_logits, policy_rejected_logits, reference_chosen_logits,
-                             reference_rejected_logits, chosen_labels, rejected_labels)
-    return token_level_dpo_from_stats(
-        *stats, chosen_mask, rejected_mask, beta=beta,
-        alpha=1.0 if variant == 1 else alpha, stop_grad_chosen_kl=(variant == 2),
-    )
+                             reference_rejected_logits, chosen_labels, rejected_labels, chosen_mask, rejected_mask)
+    return tdpo_loss_from_stats(*stats, chosen_mask, rejected_mask, variant=variant, beta=beta, alpha=alpha)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from aligndistil.errors import AlignDistilError
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -60,7 +61,7 @@ DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
 _MARKER_FILE = "aligndistil_conversion.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(AlignDistilError, RuntimeError):
     """A model or tokenizer could not be found, read or converted; the message says why."""
 
 

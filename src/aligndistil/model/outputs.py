@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 
 
-
 @dataclass
 class Aligned:
     """Per-response-token tensors, left-justified.
@@ -171,7 +170,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens, so left padding does not shift them."""
+    """Position ids counted over real tokens: ``(B, L) -> (B, L)`` long.
+
+    The first attended token of each row gets position 0 whatever padding precedes it, so a
+    LEFT-padded prompt sees the same positions as the unpadded one (HF models otherwise
+    count padding). Padding before the first real token gets 0; padding after the last
+    repeats its position: both are masked out of attention, so their value does not matter.
+    Every forward pass of the package (training, sampling, evaluation, the reward model)
+    takes its position ids from here.
+    """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -191,6 +198,39 @@ def linear_head(model: nn.Module) -> tuple | None:
     if head is None or type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear):
         return None
     return head.weight, head.bias
+
+
+def _low_precision(model: nn.Module, head: nn.Module) -> bool:
+    """True when the model's logits come out of half-precision arithmetic: bf16/fp16 head
+    weights, or a forward wrapped by ``accelerate``'s mixed-precision autocast (which leaves
+    ``_original_forward`` on the model and hands back fp32 copies of bf16 results)."""
+    return head.weight.dtype in (torch.bfloat16, torch.float16) or hasattr(unwrap(model), "_original_forward")
+
+
+def _logits_are_linear_head(model: nn.Module, ref: torch.Tensor, mine: torch.Tensor) -> bool:
+    """One-time check that this architecture's logits are ``lm_head(final hidden)``.
+
+    Soft-capping (Gemma 2) or a logit scale (Cohere) make them differ; those models take the
+    full-logit path. The tolerance follows the arithmetic the model's own logits came from:
+    under bf16 autocast they carry ~2^-8 relative rounding that the fp32 head applied here
+    does not, and a 1e-4 tolerance would then silently turn the fused path off for the run.
+    Declared soft-capping / scaling is refused outright, whatever the numbers say, because a
+    cap of 30 changes logits of size ~5 by under 1%.
+    """
+    conf = getattr(unwrap(model), "config", None)
+    if getattr(conf, "final_logit_softcapping", None) or getattr(conf, "logit_scale", 1.0) not in (1, 1.0, None):
+        return False
+    if ref.shape != mine.shape:
+        return False
+    ref, mine = ref.float(), mine.float()
+    tol = 3e-2 if _low_precision(model, unwrap(model).get_output_embeddings()) else 1e-4
+    return bool(torch.allclose(ref, mine, rtol=tol, atol=tol * float(ref.abs().max().clamp_min(1.0))))
+
+
+def uses_linear_head(model: nn.Module) -> bool | None:
+    """Whether :func:`response_outputs` found ``logits == lm_head(hidden)`` for ``model`` (so the
+    fused path applies to it): True/False once it has run on the model, else None."""
+    return _HEAD_OK.get(unwrap(model))
 
 
 def response_outputs(
@@ -239,11 +279,8 @@ def response_outputs(
     head = unwrap(model).get_output_embeddings()
     key = unwrap(model)
     if key not in _HEAD_OK:
-        # One-time check that logits == lm_head(final hidden) for this architecture.
         with torch.no_grad():
-            ref = out.logits[:, -1]
-            mine = head(hidden_states[-1][:, -1])
-            _HEAD_OK[key] = ref.shape == mine.shape and torch.allclose(ref.float(), mine.float(), atol=1e-4, rtol=1e-4)
+            _HEAD_OK[key] = _logits_are_linear_head(model, out.logits[:, -1], head(hidden_states[-1][:, -1]))
     lin = linear_head(model) if _HEAD_OK[key] else None
     if _HEAD_OK[key]:
         logits = head(last) if (compute_logits or lin is None) else None
@@ -251,7 +288,9 @@ def response_outputs(
         full = model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
         logits = gather_positions(full, positions)
-    mask_dtype = logits.dtype if logits is not None else (last.dtype if last.is_floating_point() else torch.float32)
+    # Masks are never half precision: bf16 lengths round (|y| = 257 is stored as 256) and bf16
+    # alpha_t would too. float64 models (the float64 tests) keep float64 masks.
+    mask_dtype = torch.float64 if last.dtype == torch.float64 else torch.float32
     res = ResponseOutputs(logits=logits, labels=labels, mask=mask.to(mask_dtype), hidden=last, head=lin)
     if all_hidden:
         res.all_hidden = torch.stack([gather_positions(h, positions) for h in hidden_states])
@@ -260,15 +299,6 @@ def response_outputs(
         acts += list(hidden_states[1:])  # residual stream after every layer
         res.activations = [gather_positions(a, positions) for a in acts]
     return res
-
-
-def pad_right(seqs: list[torch.Tensor], value: int, length: int | None = None) -> torch.Tensor:
-    """Stack 1-D tensors into ``(N, length)``, right-padded with ``value``."""
-    length = length or max(int(s.numel()) for s in seqs)
-    out = seqs[0].new_full((len(seqs), length), value)
-    for i, s in enumerate(seqs):
-        out[i, : s.numel()] = s
-    return out
 
 
 def concat_pairs(batch: dict, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from aligndistil.model.outputs import unwrap
+from aligndistil.data.collate import pad_with_mask
+from aligndistil.data.tokenize import render_prompt
+from aligndistil.model.outputs import position_ids_from_mask, unwrap
 
 
 def response_mask_after_eos(generated: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -50,22 +52,36 @@ def sample_responses(
     do_sample: bool = True,
     eos_token_id=None,
     pad_token_id: int = 0,
+    seeds: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sample responses and pack them as a training batch.
+    """Sample responses from the policy's own distribution and pack them as a training batch.
+
+    On-policy methods need ``y ~ pi_theta``: the model's softmax at ``temperature``, within
+    the ``top_p`` nucleus, and nothing else. HF ``generate`` would fill every setting we do
+    not pass from the checkpoint's ``generation_config`` (a ``repetition_penalty``,
+    ``suppress_tokens``, ``top_k``, ``no_repeat_ngram_size`` ...), silently drawing from
+    another distribution than the one the loss assumes. So sampling is
+    :func:`sample_with_logprobs`, whose only settings are ours.
 
     Args:
-        model: the policy (an accelerate wrapper is unwrapped for ``generate``).
+        model: the policy (an accelerate wrapper is unwrapped).
         prompt_input_ids, prompt_attention_mask: ``(B, Lp)`` LEFT-padded prompts.
-        max_new_tokens, temperature, top_p, do_sample: generation settings.
+        max_new_tokens, temperature, top_p: generation settings; ``do_sample=False`` takes
+            the most likely token at every step (greedy).
         num_samples: responses per prompt; rows are grouped per prompt
             (``[p0 s0, p0 s1, ..., p1 s0, ...]``).
         eos_token_id: id or list of ids ending a response (default: the model's).
         pad_token_id: id written after EOS.
+        seeds: one per row (``B * num_samples``); default: drawn from torch's global CPU
+            generator, so that a run's samples follow ``train.seed`` and a resume that
+            restores the RNG state draws the same ones.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``response_mask``: ``(B * num_samples, Lp + N)``;
         ``response_mask`` is 1 exactly on the sampled tokens up to and including the first
-        EOS, ``attention_mask`` is 0 on left padding and after that EOS.
+        EOS, ``attention_mask`` is 0 on left padding and after that EOS; and ``ended``
+        ``(B * num_samples,)`` bool, whether the row emitted EOS (False: cut by
+        ``max_new_tokens``).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
@@ -73,43 +89,57 @@ def sample_responses(
         raise ValueError(f"num_samples must be > 0, got {num_samples}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    net = unwrap(model)
-    eos = _eos_ids(net, eos_token_id)
-    was_training = net.training
-    net.eval()
-    try:
-        ids = prompt_input_ids.repeat_interleave(num_samples, dim=0)
-        att = prompt_attention_mask.repeat_interleave(num_samples, dim=0)
-        kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                      eos_token_id=eos or None)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        out = net.generate(input_ids=ids, attention_mask=att, **kwargs)
-    finally:
-        net.train(was_training)
-    Lp = ids.shape[1]
-    generated = out[:, Lp:]
-    gen_mask = response_mask_after_eos(generated, eos)
+    eos = _eos_ids(unwrap(model), eos_token_id)
+    ids = prompt_input_ids.repeat_interleave(num_samples, dim=0)
+    att = prompt_attention_mask.repeat_interleave(num_samples, dim=0)
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (ids.shape[0],)).tolist()
+    # Greedy: a nucleus of (almost) zero mass keeps only the most likely token.
+    out = sample_with_logprobs(
+        model, ids, att, max_new_tokens=max_new_tokens, seeds=seeds,
+        temperature=temperature if do_sample else 1.0, top_p=top_p if do_sample else 1e-12,
+        eos_token_ids=eos, pad_token_id=pad_token_id,
+    )
     # A sample that is EOS at its first step has exactly one response token (the EOS):
     # still a valid (short) response, never an empty one.
-    generated = torch.where(gen_mask.bool(), generated, torch.full_like(generated, pad_token_id))
-    input_ids = torch.cat([ids, generated], dim=1)
-    attention_mask = torch.cat([att, gen_mask], dim=1)
-    response_mask = torch.cat([torch.zeros_like(att), gen_mask], dim=1)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    packed = pack_samples(ids, att, out["tokens"], out["mask"])
+    packed["ended"] = out["ended"]
+    return packed
+
+
+def pack_samples(
+    prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``[prompt ; sample]`` as a batch for :func:`aligndistil.model.outputs.response_outputs`.
+
+    Args:
+        prompt_input_ids, prompt_attention_mask: ``(B, Lp)`` LEFT-padded prompts.
+        tokens: ``(B, N)`` sampled ids, padding after each row's EOS.
+        mask: ``(B, N)`` 1 on the sampled tokens up to and including the first EOS.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``response_mask``, each ``(B, Lp + N)``:
+        the response mask is ``mask`` behind zeros over the prompt, the attention mask is
+        the prompt's followed by ``mask`` (padding after EOS is not attended).
+    """
+    return {
+        "input_ids": torch.cat([prompt_input_ids, tokens], dim=1),
+        "attention_mask": torch.cat([prompt_attention_mask, mask], dim=1),
+        "response_mask": torch.cat([torch.zeros_like(prompt_attention_mask), mask], dim=1),
+    }
 
 
 # --------------------------------------------------------------------------------------
 # Generation for data and evaluation: text in, text out, reproducible per prompt.
 # --------------------------------------------------------------------------------------
 #
-# ``sample_responses`` above serves on-policy training (HF ``generate``, the global RNG).
-# Making preference data and evaluating need more: the same prompt must get the same sample
-# whatever the batch size, two models must be comparable on the same random draws, and the
-# evaluation needs each sample's log-probability under the model that drew it (for the
-# Monte-Carlo KL). :func:`sample_with_logprobs` is a small KV-cache sampling loop that gives
-# each row its own seeded random stream (Gumbel-max sampling), so row ``i`` depends only on
-# its seed, its prompt and the model; and it returns the model's own log-probabilities.
+# :func:`sample_with_logprobs` is a small KV-cache sampling loop that gives each row its own
+# seeded random stream (Gumbel-max sampling), so row ``i`` depends only on its seed, its
+# prompt and the model, and returns the model's own log-probabilities. Making preference
+# data and evaluating need exactly that (the same prompt gets the same sample whatever the
+# batch size, two models are compared on the same random draws, the Monte-Carlo KL needs
+# each sample's log-probability); ``sample_responses`` above uses it too, with seeds drawn
+# from the global RNG, because it applies our temperature and top-p and nothing else.
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int = 0) -> int:
@@ -125,8 +155,6 @@ def encode_prompts(tokenizer, prompts: list[str], use_chat_template: bool = True
     prompts of chat data), so generation, training and evaluation see identical prompts.
     Without it the text is used as is, with BOS prepended when the tokenizer has one.
     """
-    from aligndistil.data import render_prompt
-
     texts = [render_prompt(p, tokenizer, use_chat_template, where=f"prompt {i}") for i, p in enumerate(prompts)]
     ids = [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     bos = tokenizer.bos_token_id
@@ -139,14 +167,36 @@ def encode_prompts(tokenizer, prompts: list[str], use_chat_template: bool = True
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask)`` of shape ``(B, max_len)``, padded on the LEFT."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), int(pad_token_id), dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
-        att[b, L - len(s):] = 1
-    return ids, att
+    """``(ids, attention_mask)`` padded on the LEFT: :func:`aligndistil.data.collate.pad_with_mask`.
+
+    Kept only because ``aligndistil.workflows.judge`` (owned apart) still imports this name;
+    new code calls ``pad_with_mask(seqs, pad, side="left")`` directly.
+    """
+    return pad_with_mask(seqs, pad_token_id, side="left")
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end a response: the model's generation-config EOS ids, plus the
+    tokenizer's EOS when the config lacks it (chat models often stop on a turn-end token
+    that only the tokenizer names, or the reverse)."""
+    eos = _eos_ids(unwrap(model), None)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def decode_sample(tokenizer, out: dict[str, torch.Tensor], row: int) -> dict:
+    """Row ``row`` of a :func:`sample_with_logprobs` result as text.
+
+    Returns ``response`` (the decoded tokens before EOS, special tokens skipped, stripped),
+    ``n_tokens`` (response tokens before EOS), ``ended`` (EOS emitted) and ``logp`` (the
+    summed log-probability of the sampled tokens, EOS included).
+    """
+    n = int(out["mask"][row].sum())
+    ended = bool(out["ended"][row])
+    body = out["tokens"][row, : n - 1 if ended else n].tolist()  # the EOS itself is not text
+    return {"response": tokenizer.decode(body, skip_special_tokens=True).strip(), "n_tokens": len(body),
+            "ended": ended, "logp": float(out["logps"][row].sum())}
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -217,7 +267,7 @@ def sample_with_logprobs(
     net.eval()
     try:
         att = prompt_attention_mask.long()
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(att)
         out = net(input_ids=prompt_input_ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         cache = out.past_key_values
@@ -296,9 +346,7 @@ def generate_texts(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(unwrap(model), None)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
+    eos = stop_token_ids(model, tokenizer)
     enc = encode_prompts(tokenizer, prompts, use_chat_template)
     rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
     results = []
@@ -306,23 +354,14 @@ def generate_texts(
     with tqdm(total=len(rows), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            ids, att = left_pad([enc[i] for i, _ in chunk], pad)
+            ids, att = pad_with_mask([enc[i] for i, _ in chunk], pad, side="left")
             out = sample_with_logprobs(
                 model, ids.to(device), att.to(device), max_new_tokens=max_new_tokens,
                 seeds=[row_seed(seed, i, s) for i, s in chunk], temperature=temperature, top_p=top_p,
                 eos_token_ids=eos, pad_token_id=pad,
             )
-            batch_results = []
-            for b, (i, s) in enumerate(chunk):
-                n = int(out["mask"][b].sum())
-                ended = bool(out["ended"][b])
-                body = out["tokens"][b, : n - 1 if ended else n].tolist()
-                batch_results.append({
-                    "prompt": prompts[i], "prompt_index": i, "sample_index": s,
-                    "response": tokenizer.decode(body, skip_special_tokens=True).strip(),
-                    "n_tokens": len(body), "ended": ended,
-                    "logp": float(out["logps"][b].sum()),
-                })
+            batch_results = [{"prompt": prompts[i], "prompt_index": i, "sample_index": s,
+                              **decode_sample(tokenizer, out, b)} for b, (i, s) in enumerate(chunk)]
             if on_batch is not None:
                 on_batch(batch_results)
             results.extend(batch_results)

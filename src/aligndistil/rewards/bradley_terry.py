@@ -26,6 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aligndistil.data.collate import pad_with_mask
+from aligndistil.model.outputs import position_ids_from_mask
+
 __all__ = ["BTRewardModel", "BTReward", "bt_loss", "load_reward_model", "train_reward_model", "MARKER"]
 
 MARKER = "reward_model.json"
@@ -47,7 +50,7 @@ class BTRewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards ``(B,)`` of RIGHT- or left-padded sequences (pooled at each row's last real token)."""
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(attention_mask)
         h = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
         L = attention_mask.shape[1]
         last = (attention_mask.long() * torch.arange(L, device=attention_mask.device)[None]).argmax(-1)
@@ -99,16 +102,6 @@ def _features(tokenizer, prompts: list, responses: list[str], use_chat_template:
     return out
 
 
-def _right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        att[i, : len(s)] = 1
-    return ids, att
-
-
 class BTReward:
     """A trained reward model as a reward callable ``(prompts, responses) -> list[float]``."""
 
@@ -124,11 +117,22 @@ class BTReward:
         out: list[float] = []
         for i in range(0, len(feats), self.batch_size):
             chunk = feats[i:i + self.batch_size]
-            ids, att = _right_pad([f["prompt_ids"] + f["completion_ids"] for f in chunk], self.tokenizer.pad_token_id)
+            ids, att = pad_with_mask([f["prompt_ids"] + f["completion_ids"] for f in chunk],
+                                     self.tokenizer.pad_token_id, side="right")
             out += self.model(ids, att).tolist()
         return out
 
 
+# Why this loop is not aligndistil.train.loop.Trainer: the Trainer trains a causal LM
+# (load_causal_lm, response-token outputs, Method declarations whose losses read per-token
+# logits, an HF causal-LM folder with COMPLETE.json and resumable checkpoints). A reward model
+# is an ``AutoModel`` body plus a scalar head pooled at the last token, with one pairwise loss
+# and its own folder format (reward_head.safetensors, reward_model.json). Routing it through
+# the Trainer would need a Method whose "policy" is not a causal LM and a second save format
+# there, and would change this model's data order and schedule (so its numbers); for a
+# short loop that has no accumulation, no processes and no resume, that is not worth it.
+# What the two do share is shared: data (build_dataset, PreferenceCollator), padding and
+# position ids (aligndistil.data.collate, aligndistil.model.outputs) and concat_pairs.
 def train_reward_model(
     model: str,
     pairs: str | os.PathLike,
@@ -162,19 +166,15 @@ def train_reward_model(
     Returns:
         ``out_dir``.
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     from aligndistil.data import PreferenceCollator, build_dataset
     from aligndistil.model.loading import load_tokenizer
-    from aligndistil.model.outputs import concat_pairs
 
     if learning_rate <= 0 or batch_size <= 0:
         raise ValueError("learning_rate and batch_size must be > 0")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
         raise FileExistsError(f"{out_dir} exists and is not a reward model folder; refusing to replace it")
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # before the head is built: it seeds the head's initialisation
     tok = load_tokenizer(model)
     feats, report = build_dataset(pairs, tok, "pairs", max_length=max_length, max_prompt_length=max_prompt_length,
                                   use_chat_template=use_chat_template)
@@ -183,33 +183,57 @@ def train_reward_model(
     chat = use_chat_template if use_chat_template is not None else _pairs_are_chat(pairs)
     log(f"[train-rm] {pairs}: {report.summary()}")
     rm = BTRewardModel(_load_body(model))
-    rm.train()
-    per_epoch = len(feats) // batch_size
-    total = steps if steps > 0 else max(1, int(math.ceil(epochs * per_epoch)))
-    opt = torch.optim.AdamW(rm.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    warm = int(warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    collate = PreferenceCollator(tok.pad_token_id, "pairs")
+    total = steps if steps > 0 else max(1, int(math.ceil(epochs * (len(feats) // batch_size))))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    metrics = []
     started = time.time()
+    collate = PreferenceCollator(tok.pad_token_id, "pairs")
+    try:
+        metrics = _fit(rm, feats, collate, tok.pad_token_id, total=total, learning_rate=learning_rate,
+                       batch_size=batch_size, warmup_ratio=warmup_ratio, weight_decay=weight_decay, seed=seed,
+                       progress=progress)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info = {"base": str(model), "pairs": str(pairs), "steps": total, "learning_rate": learning_rate,
+            "batch_size": batch_size, "max_length": max_length, "seed": seed, "use_chat_template": bool(chat),
+            "pooling": "last token", "final": metrics[-1], "seconds": round(time.time() - started, 1)}
+    _write_folder(rm, tok, metrics, info, tmp, out_dir)
+    log(f"[train-rm] {total} steps in {info['seconds']} s -> {out_dir} (last loss {metrics[-1]['loss']:.4f})")
+    return out_dir
+
+
+def _fit(rm: BTRewardModel, feats: list[dict], collate, pad_token_id: int, *, total: int, learning_rate: float,
+         batch_size: int, warmup_ratio: float, weight_decay: float, seed: int, progress: bool) -> list[dict]:
+    """``total`` AdamW steps on the Bradley-Terry loss; returns one metrics dict per step.
+
+    Data order: a seeded permutation, refilled (a fresh permutation appended) whenever fewer
+    than ``batch_size`` indices remain. Learning rate: linear warm-up over the first
+    ``warmup_ratio * total`` steps, then linear decay to 0; gradients clipped to norm 1.
+    """
+    from tqdm.auto import tqdm
+
+    from aligndistil.model.outputs import concat_pairs
+
+    rm.train()
+    opt = torch.optim.AdamW(rm.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    warm = int(warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    metrics = []
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for step in tqdm(range(total), desc="train-rm", disable=not progress, dynamic_ncols=True):
         if len(order) < batch_size:
             order += torch.randperm(len(feats), generator=g).tolist()
         idx, order = order[:batch_size], order[batch_size:]
-        batch = collate([feats[i] for i in idx])
-        ids, att, _ = concat_pairs(batch, tok.pad_token_id)
-        r = rm(ids, att)
+        ids, att, _ = concat_pairs(collate([feats[i] for i in idx]), pad_token_id)
+        r = rm(ids, att)  # (2B,): chosen rows, then rejected rows
         rc, rr = r[:batch_size], r[batch_size:]
         loss = bt_loss(rc, rr).mean()
         if not torch.isfinite(loss):
-            shutil.rmtree(tmp, ignore_errors=True)
             raise RuntimeError(f"train-rm: non-finite loss at step {step + 1}; nothing was saved")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,19 +243,21 @@ def train_reward_model(
         metrics.append({"step": step + 1, "loss": float(loss.detach()), "accuracy": float((rc > rr).float().mean()),
                         "margin": float((rc - rr).detach().mean())})
     rm.eval()
+    return metrics
+
+
+def _write_folder(rm: BTRewardModel, tok, metrics: list[dict], info: dict, tmp: Path, out_dir: Path) -> None:
+    """Write the model into ``tmp``, ``reward_model.json`` last, then rename it to ``out_dir``."""
+    from safetensors.torch import save_file
+
     rm.body.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in rm.head.state_dict().items()}, str(tmp / HEAD_FILE))
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    info = {"base": str(model), "pairs": str(pairs), "steps": total, "learning_rate": learning_rate,
-            "batch_size": batch_size, "max_length": max_length, "seed": seed, "use_chat_template": bool(chat),
-            "pooling": "last token", "final": metrics[-1], "seconds": round(time.time() - started, 1)}
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    log(f"[train-rm] {total} steps in {info['seconds']} s -> {out_dir} (last loss {metrics[-1]['loss']:.4f})")
-    return out_dir
 
 
 def _pairs_are_chat(pairs) -> bool:

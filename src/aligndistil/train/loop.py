@@ -1,7 +1,9 @@
 """The one training loop, for every method, on ``accelerate``.
 
 What the loop owns (and methods never do): devices and processes, data order, the
-optimizer step, normalisation over the whole step, logging, checkpoints and resume.
+optimizer step, normalisation over the whole step, logging, checkpoints and resume (the
+files themselves: :mod:`aligndistil.train.checkpoints`). It knows methods only through
+their :class:`~aligndistil.train.methods.Method` declarations, never by name.
 
 Normalisation. Each optimizer step takes ``gradient_accumulation_steps`` micro-batches on
 each of ``world_size`` processes. All micro-batches of the step are built first (for
@@ -14,72 +16,57 @@ and two processes with batch 4 take the same step.
 Data order is a seeded permutation per epoch (``seed + epoch``), sliced into global
 batches; rank ``k`` takes its own slice of each micro-batch. The order therefore depends
 only on the seed and the step number, which is what makes ``--resume`` exact.
+
+Order of a run (:meth:`Trainer.train`): every config value is checked when the trainer is
+built; then the output folder is locked and inspected, the data, models and checkpoint are
+read, and only when all of that succeeded is the folder marked as a run in progress
+(:mod:`aligndistil.train.run_folder`). A failure before that point changes nothing on disk.
+Precision, DeepSpeed and per-process seeds: :mod:`aligndistil.train.accel`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from aligndistil.config import RunConfig, dump_config, parse_chunk_size
+from aligndistil.config import ConfigError, RunConfig, check_paths, dump_config, parse_chunk_size
 from aligndistil.fileio import atomic_write_text
 from aligndistil.losses import sequence_mean
+from aligndistil.train import accel as A
+from aligndistil.train import checkpoints as CK
+from aligndistil.train import frozen as FR
+from aligndistil.train import run_folder as RF
+from aligndistil.train import teacher_cache as TC
+from aligndistil.train.checkpoints import COMPLETE, OutputFolderError, is_complete, save_model_folder  # noqa: F401 (re-exported)
 from aligndistil.train.methods import Method, StepContext, get_method
 from aligndistil.model.outputs import unwrap
+from aligndistil.errors import EXIT_DIVERGED, AlignDistilError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AlignDistilError, RuntimeError):
+    exit_code = EXIT_DIVERGED
+    label = "training stopped"
     """Training stopped (for example on a non-finite loss); the message says where."""
 
 
-COMPLETE = "COMPLETE.json"
+class Interrupted(AlignDistilError):
+    """Ctrl-C (SIGINT): the message names the last checkpoint to ``--resume`` from."""
+
+    exit_code = EXIT_INTERRUPTED
+    label = "interrupted"
 
 
 # ----------------------------------------------------------------------------- small helpers
-def save_model_folder(model, tokenizer, out_dir: Path) -> None:
-    """Save an HF model folder (safetensors) atomically per file: temp folder, then rename."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".saving.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out_dir / f.name)
-    tmp.rmdir()
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a permutation that depends only on seed and epoch."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
-
-
-def is_complete(output_dir: str | Path, fingerprint: str | None = None) -> bool:
-    """True if ``output_dir`` holds a finished run (of this config fingerprint, if given)."""
-    p = Path(output_dir) / COMPLETE
-    if not p.is_file():
-        return False
-    if fingerprint is None:
-        return True
-    try:
-        return json.loads(p.read_text()).get("fingerprint") == fingerprint
-    except json.JSONDecodeError:
-        return False
-
-
-def _cpu_only_multiprocess() -> bool:
-    """True when launched as several processes (torchrun / accelerate launch --multi_gpu) on a
-    machine without a GPU: accelerate then needs ``cpu=True`` to set up gloo data parallelism
-    (its own ``--cpu`` launcher starts several processes only through MPI)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -88,45 +75,56 @@ class Trainer:
 
     Args:
         cfg: the run configuration.
-        resume: continue from the latest checkpoint in ``cfg.train.output_dir``.
-        accelerator: an ``accelerate.Accelerator`` (created if None).
+        resume: continue from the latest good checkpoint in ``cfg.train.output_dir``.
+        accelerator: an ``accelerate.Accelerator`` (created from ``cfg`` if None).
+        fingerprint: what ``COMPLETE.json`` records (default: the config's); a pipeline
+            passes one that also covers its upstream stages.
+        overwrite: let a fresh run write into a folder holding something else (as
+            ``train.overwrite_output_dir``).
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, accelerator=None, fingerprint: str | None = None):
-        from accelerate import Accelerator
-
-        self.cfg = cfg
-        # What COMPLETE.json records; a pipeline passes one that also covers upstream stages.
+    def __init__(self, cfg: RunConfig, resume: bool = False, accelerator=None, fingerprint: str | None = None,
+                 overwrite: bool = False):
+        self.cfg = cfg.validate()  # every value in range before anything is loaded or written
         self.fingerprint = fingerprint or cfg.fingerprint()
         self.resume = resume
-        self.accelerator = accelerator or Accelerator(cpu=_cpu_only_multiprocess())
+        self.overwrite = overwrite or cfg.train.overwrite_output_dir
         self.method: Method = get_method(cfg.method)
+        precision_note = None
+        if accelerator is None:
+            accelerator, precision_note = A.make_accelerator(cfg)
+        self.accelerator = accelerator
         self.out = Path(cfg.train.output_dir)
+        self.ckpt: Path | None = None  # the checkpoint a resumed run starts from
+        self.last_checkpoint: Path | None = None
+        self.step = 0
         self._validate()
+        if precision_note:
+            self._log(f"[precision] {precision_note}")
 
     def _validate(self) -> None:
-        t, c = self.cfg.train, self.cfg
+        """What the config's own ranges cannot say: required keys, paths, method needs."""
+        c = self.cfg
         if not c.model.policy:
-            raise ValueError("model.policy is required (a local HF folder, a hub id, or smollm2)")
+            raise ConfigError("model.policy is required (a local HF folder, a hub id, or smollm2)")
         if not c.data.train_file:
-            raise ValueError("data.train_file is required")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
-            if getattr(t, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0")
-        if t.loss_path not in ("fused", "plain"):
-            raise ValueError(f"train.loss_path must be fused or plain, got {t.loss_path!r}")
-        self.chunk_size = parse_chunk_size(t.chunk_size)  # parsed once; "auto" or rows per chunk
-        if t.teacher_cache:
-            from aligndistil.train import teacher_cache as TC
-
-            TC.check_supported(c.method)
-            if t.teacher_cache_dtype not in TC.DTYPES:
-                raise ValueError(f"train.teacher_cache_dtype must be one of {sorted(TC.DTYPES)}, got {t.teacher_cache_dtype!r}")
-        if t.learning_rate <= 0:
-            raise ValueError("train.learning_rate must be > 0")
+            raise ConfigError("data.train_file is required")
+        self.chunk_size = parse_chunk_size(c.train.chunk_size)  # parsed once; "auto" or rows per chunk
+        if c.train.teacher_cache:
+            TC.check_supported(self.method)
         for role in self.method.frozen:
             if role != "reference" and not getattr(c.model, role):
-                raise ValueError(f"method {self.method.name} needs model.{role}")
+                raise ConfigError(f"method {self.method.name} needs model.{role}")
+        check_paths(c, roles=self.method.frozen)
+        if "tensorboard" in c.train.report_to:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("train.report_to includes tensorboard but the tensorboard package is missing: "
+                                  "pip install tensorboard") from None
+        if A.uses_deepspeed(self.accelerator) and self.method.make_modules:
+            raise ConfigError(f"method {self.method.name} trains a second module beside the policy, which this "
+                              "trainer does not support under DeepSpeed (one engine per model); use DDP or FSDP")
 
     # ------------------------------------------------------------------ set-up
     def _log(self, msg: str) -> None:
@@ -134,11 +132,12 @@ class Trainer:
             print(msg, flush=True)
 
     def setup(self) -> None:
+        """Read everything the run needs (data, models, the checkpoint ``self.ckpt``); writes nothing."""
         from aligndistil import data as D
         from aligndistil.model.loading import load_causal_lm, load_tokenizer
 
         cfg, acc = self.cfg, self.accelerator
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the same on every process: identical initial modules
         random.seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy,
                                         trust_remote_code=cfg.model.trust_remote_code)
@@ -149,16 +148,20 @@ class Trainer:
             max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
             use_chat_template=cfg.data.use_chat_template, split=cfg.data.split,
         )
-        if cfg.data.max_examples:
+        self.n_used = len(self.features)
+        note = ""
+        if cfg.data.max_examples is not None and cfg.data.max_examples < len(self.features):
             self.features = self.features[: cfg.data.max_examples]
-        self._log(f"[data] {cfg.data.train_file}: {self.report.summary()}")
+            self.n_used = len(self.features)
+            note = f"; training on the first {self.n_used} (data.max_examples)"
+        self._log(f"[data] {cfg.data.train_file}: {self.report.summary()}{note}")
         self.collator = D.PreferenceCollator(self.tokenizer.pad_token_id, self.method.batch)
 
-        dtype = getattr(torch, cfg.model.dtype)
+        dtype = getattr(torch, cfg.model.dtype)  # the frozen models'; the policy trains in float32 (accel.py)
         self.start_step = 0
-        ckpt = self.latest_checkpoint() if self.resume else None
+        ckpt = self.ckpt
         policy_path = str(ckpt / "model") if ckpt else cfg.model.policy
-        self.policy = load_causal_lm(policy_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        self.policy = load_causal_lm(policy_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
         if cfg.train.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.policy.config.use_cache = False
@@ -173,14 +176,14 @@ class Trainer:
         t = cfg.train
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
         for mod in self.modules.values():
-            groups.append({"params": list(mod.parameters()), "weight_decay": cfg.method.mask_weight_decay,
-                           "lr": cfg.method.mask_learning_rate or t.learning_rate})
+            # A module may carry its own group options (PPO's critic); else SparsePO's mask options.
+            opts = getattr(mod, "optimizer_options", None) or {
+                "weight_decay": cfg.method.mask_weight_decay, "lr": cfg.method.mask_learning_rate or t.learning_rate}
+            groups.append({"params": list(mod.parameters()), **opts})
         if t.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas))
-        elif t.optimizer == "sgd":
+        else:  # "sgd"; the config allows nothing else
             self.optimizer = torch.optim.SGD(groups, lr=t.learning_rate)
-        else:
-            raise ValueError(f"train.optimizer must be adamw or sgd, got {t.optimizer!r}")
 
         ws = acc.num_processes
         self.global_batch = t.per_device_batch_size * ws * t.gradient_accumulation_steps
@@ -198,81 +201,29 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         if ckpt:
             self._load_trainer_state(ckpt)
-        prepared = acc.prepare(self.policy, self.optimizer, *self.modules.values())
-        self.policy, self.optimizer = prepared[0], prepared[1]
-        self.modules = dict(zip(self.modules, prepared[2:]))
+        A.apply_deepspeed_config(acc, cfg)  # DeepSpeed cannot size its batch without a DataLoader
+        self.deepspeed = A.uses_deepspeed(acc)
+        # The optimizer goes last: accelerate moves an optimizer's state (a resumed run's
+        # AdamW moments) to the device when it prepares it, so every module it holds
+        # parameters of must already be there (on a GPU, a mask network prepared after the
+        # optimizer kept its resumed moments on the CPU).
+        prepared = acc.prepare(self.policy, *self.modules.values(), self.optimizer)
+        self.policy, self.optimizer = prepared[0], prepared[-1]
+        self.modules = dict(zip(self.modules, prepared[1:-1]))
         self.policy.train()
 
     def _load_frozen(self, role: str, dtype):
-        from aligndistil.model.loading import load_causal_lm
-
-        cfg = self.cfg
-        path = getattr(cfg.model, role) or cfg.model.policy
-        m = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-        self._check_vocab(role, path, m)
-        m.eval().requires_grad_(False)
-        return m.to(self.accelerator.device)
+        return FR.load_frozen(self.cfg, role, dtype, policy=self.policy, tokenizer=self.tokenizer,
+                              device=self.accelerator.device, log=self._log)
 
     def _teacher_cache(self, dtype):
-        """Open (building it on first use) the teacher cache; refuse a stale one."""
-        from aligndistil.train import teacher_cache as TC
-
-        cfg, acc = self.cfg, self.accelerator
-        TC.check_supported(cfg.method)
-        roles = {r: getattr(cfg.model, r) or cfg.model.policy for r in self.method.frozen}
-        fp = TC.fingerprint(cfg, roles, self.features, self.method.batch)
-        folder = Path(cfg.train.teacher_cache)
-        with acc.main_process_first():
-            if not (folder / TC.MANIFEST).is_file() and acc.is_main_process:
-                self._log(f"[teacher cache] building {folder} (the frozen models run once over the data)")
-                models = {r: self._load_frozen(r, dtype) for r in roles}
-                tvd = ("dpo_model", "reverse_dpo_model") if {"dpo_model", "reverse_dpo_model"} <= set(roles) else None
-                TC.build(folder, models=models, features=self.features, collator=self.collator,
-                         kind=self.method.batch, fp=fp, tvd_roles=tvd, batch_size=cfg.train.per_device_batch_size,
-                         chunk_size=self.chunk_size, device=acc.device, log=self._log)
-                del models
-            cache = TC.TeacherCache(folder, fp, device=acc.device)
-        pv = self.policy.get_output_embeddings().weight.shape[0]
-        if cache.vocab_size != pv:
-            raise ValueError(f"teacher cache {folder} has a vocabulary of {cache.vocab_size} but the policy has {pv}")
-        self._log(f"[teacher cache] using {folder} for {', '.join(cache.roles)}")
-        return cache
-
-    def _check_vocab(self, role: str, path: str, model) -> None:
-        """Refuse a frozen model whose vocabulary is not the policy's: token-level losses compare
-        distributions id by id. The head sizes must match; when the model's folder has a
-        tokenizer, its token-to-id map must equal the policy tokenizer's too (a head of the
-        right size over another tokenizer would otherwise train silently on nonsense)."""
-        from aligndistil.model.loading import ModelLoadError, check_same_vocab, load_tokenizer
-
-        pv = self.policy.get_output_embeddings().weight.shape[0]
-        mv = model.get_output_embeddings().weight.shape[0]
-        if pv != mv:
-            raise ValueError(
-                f"model.{role} ({path}) has a vocabulary of {mv} but the policy ({self.cfg.model.policy}) has {pv}: "
-                "teachers and reference must share the policy's tokenizer and vocabulary"
-            )
-        if str(path) == str(self.cfg.model.policy):
-            return
-        try:
-            tok = load_tokenizer(path, trust_remote_code=self.cfg.model.trust_remote_code)
-        except (ModelLoadError, OSError, ValueError):
-            self._log(f"[vocab] model.{role} ({path}) has no tokenizer; checked the head size only")
-            return
-        check_same_vocab(self.tokenizer, tok, name_a="policy", name_b=f"model.{role}")
+        return FR.open_teacher_cache(self.cfg, self.method, self.accelerator, features=self.features,
+                                     collator=self.collator, policy=self.policy, chunk_size=self.chunk_size,
+                                     load=lambda role: self._load_frozen(role, dtype), log=self._log)
 
     # ------------------------------------------------------------------ checkpoints
-    def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted(self.out.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
-        ckpts = [c for c in ckpts if (c / "trainer_state.pt").is_file()]
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.out}")
-        return ckpts[-1]
-
     def _load_trainer_state(self, ckpt: Path) -> None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self.cfg.fingerprint():
-            raise ValueError(f"--resume: {ckpt} was made with a different config; refusing to mix runs")
+        state = CK.load_trainer_state(ckpt, self.cfg.fingerprint())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, mod in self.modules.items():
@@ -282,40 +233,33 @@ class Trainer:
         self._log(f"[resume] from {ckpt} at step {self.start_step}")
 
     def save_checkpoint(self, step: int) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            final = self.out / f"checkpoint-{step}"
-            tmp = self.out / f".checkpoint-{step}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            save_model_folder(self.policy, self.tokenizer, tmp / "model")
-            torch.save({
-                "step": step,
-                "fingerprint": self.cfg.fingerprint(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "modules": {k: unwrap(m).state_dict() for k, m in self.modules.items()},
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                        "python_pos": random.getstate()[2]},
-            }, tmp / "trainer_state.pt")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            ckpts = sorted(self.out.glob("checkpoint-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in ckpts[: max(0, len(ckpts) - self.cfg.train.save_total_limit)]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
+        """``checkpoint-<step>`` with every process's RNG states (gathered to the main process)."""
+        from accelerate.utils import gather_object
 
-    def _restore_rng(self) -> None:
-        rng = getattr(self, "_rng_to_restore", None)
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+        acc = self.accelerator
+        rng = CK.rng_state()
+        ranks = gather_object([rng]) if acc.num_processes > 1 else [rng]
+        acc.wait_for_everyone()
+        A.on_main(self.accelerator, lambda: CK.save_checkpoint(self.out, step, self.policy, self.tokenizer, {
+            "step": step,
+            "fingerprint": self.cfg.fingerprint(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "modules": {k: unwrap(m).state_dict() for k, m in self.modules.items()},
+            "rng": {"ranks": ranks},
+        }, keep=self.cfg.train.save_total_limit, fingerprint=self.cfg.fingerprint()))
+        self.last_checkpoint = self.out / f"checkpoint-{step}"
+        acc.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
     def _micro_batches(self, step: int) -> list[dict]:
+        """This process's micro-batches of optimizer step ``step``, collated and on the device.
+
+        While a teacher cache is in use each batch also carries :data:`TC.INDEX_KEY`: the
+        examples' indices in ``self.features``, by which the cache finds their stored rows.
+        """
         t, acc = self.cfg.train, self.accelerator
+        cache = getattr(self, "cache", None)
         epoch, k = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.features), t.seed, epoch)
         gb = order[k * self.global_batch:(k + 1) * self.global_batch].tolist()
@@ -325,7 +269,8 @@ class Trainer:
             chunk = gb[m * bs * ws:(m + 1) * bs * ws]
             mine = chunk[rank * bs:(rank + 1) * bs]
             batch = self.collator([self.features[i] for i in mine])
-            batch["example_index"] = torch.tensor(mine, dtype=torch.long)  # rows of the teacher cache
+            if cache is not None:
+                batch[TC.INDEX_KEY] = torch.tensor(mine, dtype=torch.long)
             out.append({k: v.to(acc.device) for k, v in batch.items()})
         return out
 
@@ -337,27 +282,56 @@ class Trainer:
             all_mean=lambda x: acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x,
             loss_path=self.cfg.train.loss_path, chunk_size=self.chunk_size,
             compile_loss=self.cfg.train.compile_loss,
-            cache=getattr(self, "cache", None),
+            cache=getattr(self, "cache", None), tokenizer=self.tokenizer,
         )
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step; returns the step's metrics (averaged over the global batch)."""
-        acc, t = self.accelerator, self.cfg.train
+        """One step; returns the step's metrics (averaged over the global batch and its updates).
+
+        A step is one optimizer update, unless the method's ``updates`` turns the step's batch
+        into several (PPO: epochs x mini-batches over one rollout batch), each normalised on
+        its own; the learning-rate schedule advances once per step either way.
+        """
+        acc = self.accelerator
         ctx = self._context()
         micro = self._micro_batches(step)
         if self.method.prepare:
             micro = [self.method.prepare(ctx, b) for b in micro]
+        sums: dict[str, list[float]] = {}
+        done = [self._update(ctx, u, step, sums) for u in (self.method.updates(ctx, micro) if self.method.updates
+                                                            else [micro])]
+        self.scheduler.step()
+        out = {"loss": sum(loss for loss, _ in done) / len(done)}
+        for k, (s, n) in sums.items():
+            pair = torch.tensor([s, n], device=acc.device, dtype=torch.float64)
+            if acc.num_processes > 1:
+                pair = acc.reduce(pair, reduction="sum")
+            if pair[1] > 0:
+                out[k] = float(pair[0] / pair[1])
+        norms = [g for _, g in done if g is not None]
+        if norms:
+            out["grad_norm"] = sum(norms) / len(norms)
+        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _update(self, ctx: StepContext, micro: list[dict], step: int, sums: dict) -> tuple[float, float | None]:
+        """One optimizer update over this process's ``micro`` batches; returns (loss, grad norm)
+        and adds each metric's (sum, count) to ``sums``."""
+        acc, t = self.accelerator, self.cfg.train
         local = torch.tensor(float(sum(self.method.count(b) for b in micro)), device=acc.device)
         n_global = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
         step_loss = torch.zeros((), device=acc.device)
-        sums: dict[str, list[float]] = {}
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(self.policy)
             with sync:
                 losses, metrics = self.method.loss(ctx, batch)
                 loss = sequence_mean(losses, n_global, acc.num_processes)
-                acc.backward(loss)
+                if getattr(self, "deepspeed", False):
+                    if not A.deepspeed_backward(acc, loss, step_loss + loss.detach(), last):
+                        raise TrainingError(f"non-finite loss at step {step + 1}")  # before the engine stepped
+                else:
+                    acc.backward(loss)
             step_loss += loss.detach()
             for k, v in metrics.items():
                 v = v.detach().float().reshape(-1)
@@ -370,46 +344,89 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"loss": float(step_loss)}
-        for k, (s, n) in sums.items():
-            pair = torch.tensor([s, n], device=acc.device, dtype=torch.float64)
-            if acc.num_processes > 1:
-                pair = acc.reduce(pair, reduction="sum")
-            if pair[1] > 0:
-                out[k] = float(pair[0] / pair[1])
-        if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
-        out["learning_rate"] = self.scheduler.get_last_lr()[0]
-        return out
+        return float(step_loss), (None if grad_norm is None else float(grad_norm))
 
     def train(self) -> Path:
-        """Run the loop to the end; returns the output folder (an HF model folder)."""
+        """Run the loop to the end; returns the output folder (an HF model folder).
+
+        Raises:
+            OutputFolderError: the folder is another run's, locked, or cannot be written.
+            CheckpointError: ``--resume`` found no usable checkpoint of this config.
+            TrainingError: a step failed (non-finite loss); Interrupted: Ctrl-C.
+        """
+        acc, cfg_fp = self.accelerator, self.cfg.fingerprint()
+        lock = RF.RunLock(self.out) if acc.is_main_process else None
+        with A.progress_bars(self.cfg.train.progress_bar):
+            try:
+                A.on_main(acc, lambda: lock.acquire(self._log))
+                plan = A.on_main(acc, lambda: RF.check_folder(self.out, cfg_fp, self.fingerprint, self.resume,
+                                                              self.overwrite, self._log))
+                if plan == "done":
+                    self._log(f"[resume] {self.out} already holds the finished run of this config: nothing to do")
+                    return self.out
+                if plan == "resume":
+                    self.ckpt = A.on_main(acc, lambda: CK.find_resume_checkpoint(self.out, cfg_fp, self._log))
+                    self.last_checkpoint = self.ckpt
+                self.setup()
+                # Every check passed: only now may the folder stop looking like what it was.
+                A.on_main(acc, lambda: RF.begin(self.out, cfg_fp, fresh=plan == "fresh", log=self._log))
+                return self._run()
+            except KeyboardInterrupt:
+                raise Interrupted(self._stopped_at()) from None
+            finally:
+                if lock is not None:
+                    lock.release()
+
+    def _stopped_at(self) -> str:
+        if not getattr(self, "total_steps", None) or self.step == 0 and self.last_checkpoint is None:
+            return f"stopped by Ctrl-C before the first step; {self._resume_hint()}"
+        return f"stopped by Ctrl-C during step {self.step + 1} of {self.total_steps}; {self._resume_hint()}"
+
+    def _resume_hint(self) -> str:
+        if self.last_checkpoint is not None:
+            return f"last checkpoint: {self.last_checkpoint} (continue from it with --resume)"
+        return "no checkpoint was written, so a rerun starts from step 0 (train.save_steps sets how often one is)"
+
+    def _run(self) -> Path:
         from tqdm.auto import tqdm
 
         acc, t = self.accelerator, self.cfg.train
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / COMPLETE).unlink(missing_ok=True)
-        self.setup()
-        self._restore_rng()
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is None:
+            A.seed_sampling(t.seed, acc.process_index)
+        elif not CK.restore_rng(rng, acc.process_index, acc.num_processes):
+            self._log("[resume] the checkpoint was written by another number of processes: sampling noise is "
+                      "reseeded, so on-policy samples will differ from an uninterrupted run")
+            A.seed_sampling(t.seed * 1_000_003 + self.start_step, acc.process_index)
         metrics_path = self.out / "metrics.jsonl"
-        writer = self._tensorboard()
-        if acc.is_main_process:
-            atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
-            self._truncate_metrics(metrics_path, self.start_step)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {self.method.name}",
-                   disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+        try:
+            writer = self._tensorboard()
+            if acc.is_main_process:
+                atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+                CK.truncate_metrics(metrics_path, self.start_step, log=self._log)
+            bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {self.method.name}",
+                       disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
+            done = self._loop(bar, metrics_path, writer)
+        except OSError as e:  # a write the checkpoint savers do not wrap: metrics.jsonl, config.yaml
+            raise OutputFolderError(f"cannot write to {self.out}: {e}; {self._resume_hint()}") from e
+        return done
+
+    def _loop(self, bar, metrics_path: Path, writer) -> Path:
+        acc, t = self.accelerator, self.cfg.train
         started = time.time()
-        last_good = None
         for step in range(self.start_step, self.total_steps):
+            self.step = step
             try:
                 m = self.train_step(step)
             except (TrainingError, ValueError) as e:
                 bar.close()
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+                where = (f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint
+                         else "no checkpoint was written")
                 raise TrainingError(f"step {step + 1}: {e}; {where}; nothing of this step was saved") from e
+            if step == self.start_step:
+                self.loss_path = self._loss_path_in_use()
+                self._log(f"[loss path] {self.loss_path}")
             m["step"] = step + 1
             m["epoch"] = (step + 1) / self.steps_per_epoch
             if acc.is_main_process and ((step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps):
@@ -423,42 +440,41 @@ class Trainer:
             bar.update(1)
             if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < self.total_steps:
                 self.save_checkpoint(step + 1)
-                last_good = self.out / f"checkpoint-{step + 1}"
+        self.step = self.total_steps
         bar.close()
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_model_folder(self.policy, self.tokenizer, self.out)
-            for name, mod in self.modules.items():
-                from safetensors.torch import save_file
-                save_file(unwrap(mod).state_dict(), str(self.out / f"{name}.safetensors"))
-            atomic_write_text(self.out / COMPLETE, json.dumps({
-                "fingerprint": self.fingerprint, "method": self.method.name, "steps": self.total_steps,
-                "seconds": round(time.time() - started, 1), "data": vars(self.report),
-            }, indent=2))
-            self._log(f"[done] {self.method.name}: {self.total_steps} steps in {time.time() - started:.1f}s -> {self.out}")
+        A.on_main(self.accelerator, lambda: CK.save_final(self.out, self.policy, self.tokenizer, self.modules, {
+            "fingerprint": self.fingerprint, "method": self.method.name, "steps": self.total_steps,
+            "seconds": round(time.time() - started, 1), "data": {**vars(self.report), "n_used": self.n_used},
+            "loss_path": getattr(self, "loss_path", self.cfg.train.loss_path),
+        }))
+        self._log(f"[done] {self.method.name}: {self.total_steps} steps in {time.time() - started:.1f}s -> {self.out}")
         if writer:
             writer.close()
         acc.wait_for_everyone()
         return self.out
 
+    def _loss_path_in_use(self) -> str:
+        """What the first step really ran: ``fused``, ``plain``, or ``plain (fallback: ...)``
+        naming every model whose logits are not ``lm_head(hidden)`` (soft-capping, a wrapped
+        head). A fallback from the fused path is never silent: it is logged at the first step
+        and recorded in COMPLETE.json."""
+        from aligndistil.model.outputs import uses_linear_head
+
+        if self.cfg.train.loss_path != "fused":
+            return self.cfg.train.loss_path
+        models = {"policy": self.policy, **self.frozen}
+        off = [role for role, m in models.items() if uses_linear_head(m) is False]
+        return f"plain (fallback: the logits of {', '.join(off)} are not lm_head(hidden))" if off else "fused"
+
     def _tensorboard(self):
         if "tensorboard" not in self.cfg.train.report_to or not self.accelerator.is_main_process:
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ValueError("train.report_to includes tensorboard but the tensorboard package is missing: pip install tensorboard") from e
+        from torch.utils.tensorboard import SummaryWriter  # its presence is checked up front (_validate)
+
         return SummaryWriter(str(self.out / "tensorboard"))
 
-    @staticmethod
-    def _truncate_metrics(path: Path, step: int) -> None:
-        """On resume, drop logged steps after the checkpoint; on a fresh run, start empty."""
-        if not path.exists():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
-
-def train(cfg: RunConfig, resume: bool = False, fingerprint: str | None = None) -> Path:
-    """Train ``cfg`` and return the output folder."""
-    return Trainer(cfg, resume=resume, fingerprint=fingerprint).train()
+def train(cfg: RunConfig, resume: bool = False, fingerprint: str | None = None, overwrite: bool = False) -> Path:
+    """Train ``cfg`` and return the output folder (see :class:`Trainer` for the arguments)."""
+    return Trainer(cfg, resume=resume, fingerprint=fingerprint, overwrite=overwrite).train()

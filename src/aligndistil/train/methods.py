@@ -21,9 +21,10 @@ import torch.nn as nn
 from aligndistil import losses as L
 from aligndistil.config import MethodConfig
 from aligndistil.model.sampling import sample_responses
-from aligndistil.losses.ops import label_logps, token_tvd
+from aligndistil.losses.ops import label_logps
 from aligndistil.losses import fused as FL
-from aligndistil.model.outputs import ResponseOutputs, pad_right, pair_outputs, response_outputs, unwrap
+from aligndistil.data.collate import pad_right
+from aligndistil.model.outputs import ResponseOutputs, pair_outputs, response_outputs, unwrap
 
 ROLES = ("reference", "dpo_model", "reverse_dpo_model")
 
@@ -45,6 +46,7 @@ class StepContext:
         compile_loss: run the fused path's element-wise chunk body under ``torch.compile``.
         cache: a :class:`aligndistil.train.teacher_cache.TeacherCache` serving frozen models'
             outputs from disk (those roles are then absent from ``frozen``), or None.
+        tokenizer: the policy's tokenizer (online methods decode samples for their reward).
     """
 
     policy: nn.Module
@@ -58,23 +60,55 @@ class StepContext:
     chunk_size: int = FL.DEFAULT_CHUNK_SIZE
     compile_loss: bool = False
     cache: object = None
+    tokenizer: object = None
 
     @property
     def fused(self) -> bool:
         return self.loss_path == "fused"
 
 
+#: ``Method.uncacheable`` of a declaration that does not say whether the teacher cache can
+#: serve it. The safe default: a cached role is not loaded, so a method that reads more of a
+#: frozen model than its final hidden state must never be served by accident.
+UNDECLARED = "it does not declare that the teacher cache can serve its frozen models"
+
+
 @dataclass(frozen=True)
 class Method:
-    """A training method. See the module docstring."""
+    """A training method: everything the trainer and the teacher cache need to know about it.
+
+    Attributes:
+        name: the ``method.name`` it is registered under.
+        batch: the batch kind it trains on (:data:`aligndistil.data.KINDS`).
+        frozen: roles (:data:`ROLES`) of the frozen models it reads; the trainer loads
+            exactly these (``reference`` defaults to the policy's weights).
+        normaliser: ``"sequences"`` or ``"tokens"``: what the optimizer step averages over.
+        loss: ``(ctx, batch) -> (losses (B,), metrics)``.
+        prepare: ``(ctx, batch) -> batch`` run before counting (on-policy sampling).
+        make_modules: ``(policy, cfg) -> {name: nn.Module}`` extra trainable modules.
+        negative_role: the frozen role the teacher extrapolates away from (AlignDistil's
+            ``pi_ref`` or ``pi_rev``, Eq. 11/15), None for methods without a teacher.
+        uncacheable: None when :mod:`aligndistil.train.teacher_cache` can serve every frozen
+            role (the loss reads only final hidden states of fixed responses), else why not;
+            the cache's refusal quotes it.
+        tvd_roles: ``(base, negative)`` roles whose per-token ``TVD`` the cache stores
+            next to their hidden states (the adaptive teacher's ``alpha_t``, Eq. 17), or None.
+        updates: ``(ctx, micro_batches) -> [micro_batches, ...]``: the optimizer updates of one
+            step, each a list of micro-batches normalised on its own (PPO: epochs x
+            mini-batches over one rollout batch); None: one update of the step's batch.
+    """
 
     name: str
     batch: str
     frozen: tuple = ()
     normaliser: str = "sequences"
     loss: Callable = None
-    prepare: Callable | None = None  # batch -> batch, before counting (on-policy sampling)
-    make_modules: Callable | None = None  # (policy, cfg) -> {name: nn.Module}
+    prepare: Callable | None = None
+    make_modules: Callable | None = None
+    negative_role: str | None = None
+    uncacheable: str | None = UNDECLARED
+    tvd_roles: tuple[str, str] | None = None
+    updates: Callable | None = None
 
     def count(self, batch: dict) -> int:
         """This batch's share of the optimizer step's normaliser (sequences or tokens)."""
@@ -88,9 +122,10 @@ class Method:
 
 # --------------------------------------------------------------------------- outputs and paths
 # Every loss below is written once: it asks for model outputs, turns them into loss inputs
-# with `_inputs` (full logits on the plain path, `FL.HeadRows` on the fused path) and calls
-# the loss that `_pick` chose for that path. The fused losses mirror the plain ones'
-# arguments, so a method never branches on the path itself.
+# with `_inputs` (full logits on the plain path, `FL.HeadRows` on the fused path), calls the
+# STATISTICS PRODUCER that `_pick` chose for that path (per-token log-probs, KL, alpha) and
+# hands the statistics to the loss's one `*_from_stats` composition. The fused producers
+# mirror the plain ones' arguments, so a method never branches on the path itself.
 
 
 def _frozen_outputs(ctx: StepContext, role: str, batch_or_pair, pair: bool, **kw):
@@ -122,9 +157,12 @@ def _inputs(*outs: ResponseOutputs) -> tuple[list, bool]:
     return [o.head_logits() for o in outs], False
 
 
-def _pick(ctx: StepContext, fused: bool, plain_fn: Callable, fused_fn: Callable) -> Callable:
-    """The plain loss, or its fused counterpart with this run's chunk size."""
-    return functools.partial(fused_fn, chunk_size=ctx.chunk_size, compile=ctx.compile_loss) if fused else plain_fn
+def _pick(ctx: StepContext, fused: bool, plain_fn: Callable, fused_fn: Callable, **fused_only) -> Callable:
+    """The plain producer, or its fused counterpart with this run's chunk size, compile switch
+    and ``fused_only`` keywords (hints the plain path has no use for)."""
+    if fused:
+        return functools.partial(fused_fn, chunk_size=ctx.chunk_size, compile=ctx.compile_loss, **fused_only)
+    return plain_fn
 
 
 def _plain_logps(zs, labels, masks):
@@ -217,12 +255,20 @@ def _token_level_outputs(ctx: StepContext, batch: dict, **ref_kw):
     return pc, pr, rc, rr
 
 
+def _pair_token_stats(ctx: StepContext, pc, pr, rc, rr) -> tuple:
+    """Label log-probs and ``KL(pi_ref || pi_theta)`` per token of both responses, in the
+    order :func:`aligndistil.losses.token_level_dpo_from_stats` takes them."""
+    zs, fused = _inputs(pc, pr, rc, rr)
+    produce = _pick(ctx, fused, L.pair_token_stats, FL.token_level_stats)
+    return produce(*zs, pc.labels, pr.labels, pc.mask, pr.mask)
+
+
 def tdpo_step(variant: int):
     def loss(ctx: StepContext, batch: dict):
         pc, pr, rc, rr = _token_level_outputs(ctx, batch)
-        zs, fused = _inputs(pc, pr, rc, rr)
-        fn = _pick(ctx, fused, L.tdpo_loss, FL.tdpo_loss)
-        return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask, variant=variant, beta=ctx.cfg.beta, alpha=ctx.cfg.alpha)
+        stats = _pair_token_stats(ctx, pc, pr, rc, rr)
+        return L.tdpo_loss_from_stats(*stats, pc.mask, pr.mask, variant=variant, beta=ctx.cfg.beta,
+                                      alpha=ctx.cfg.alpha)
     return loss
 
 
@@ -231,11 +277,10 @@ def sparsepo_step(ctx: StepContext, batch: dict):
     mask_net = ctx.modules["mask"]
     mu_c, md_c = mask_net(rc.all_hidden)
     mu_r, md_r = mask_net(rr.all_hidden)
-    zs, fused = _inputs(pc, pr, rc, rr)
-    fn = _pick(ctx, fused, L.sparsepo_loss, FL.sparsepo_loss)
-    return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask,
-              mu_c * pc.mask, mu_r * pr.mask, md_c * pc.mask, md_r * pr.mask,
-              beta=ctx.cfg.beta, lambda_u=ctx.cfg.lambda_u, lambda_d=ctx.cfg.lambda_d)
+    stats = _pair_token_stats(ctx, pc, pr, rc, rr)
+    return L.sparsepo_loss_from_stats(*stats, pc.mask, pr.mask,
+                                      mu_c * pc.mask, mu_r * pr.mask, md_c * pc.mask, md_r * pr.mask,
+                                      beta=ctx.cfg.beta, lambda_u=ctx.cfg.lambda_u, lambda_d=ctx.cfg.lambda_d)
 
 
 def make_sparsepo_mask(policy: nn.Module, cfg: MethodConfig) -> dict:
@@ -247,10 +292,9 @@ def mapo_step(ctx: StepContext, batch: dict):
     pc, pr, rc, rr = _token_level_outputs(ctx, batch, activations=True)
     m_c = L.mapo_mask(rc.activations, pc.mask)
     m_r = L.mapo_mask(rr.activations, pr.mask)
-    zs, fused = _inputs(pc, pr, rc, rr)
-    fn = _pick(ctx, fused, L.sparsepo_loss, FL.sparsepo_loss)
-    return fn(*zs, pc.labels, pr.labels, pc.mask, pr.mask, m_c, m_r, m_c, m_r,
-              beta=ctx.cfg.beta, lambda_u=0.0, lambda_d=0.0)
+    stats = _pair_token_stats(ctx, pc, pr, rc, rr)
+    return L.sparsepo_loss_from_stats(*stats, pc.mask, pr.mask, m_c, m_r, m_c, m_r,
+                                      beta=ctx.cfg.beta, lambda_u=0.0, lambda_d=0.0)
 
 
 # --------------------------------------------------------------------------- AlignDistil
@@ -275,26 +319,6 @@ def negative_role(cfg: MethodConfig) -> str:
     return "reference" if cfg.teacher == "vanilla" else "reverse_dpo_model"
 
 
-def aligndistil_plain_loss(policy_logits, base_logits, negative_logits, labels, mask, *, alpha, r, eps, beta0,
-                           weighting, beta=None, tvd=None):
-    """The plain (reference) AlignDistil loss on full logits; same arguments as
-    :func:`aligndistil.losses.fused.aligndistil_loss`. ``alpha`` None: adaptive, from
-    ``tvd`` when given (teacher cache), else from the teachers' logits."""
-    extra = {}
-    if alpha is None:
-        if tvd is None:
-            alpha = L.adaptive_alpha(base_logits, negative_logits, r=r, eps=eps)
-            tvd = (alpha - eps) / r if r > 0 else token_tvd(base_logits, negative_logits)
-        else:
-            alpha = r * tvd + eps
-        extra["tvd/mean"] = (tvd * mask).sum(-1) / mask.sum(-1)
-    teacher = L.aligndistil_teacher_logits(base_logits, negative_logits, alpha)
-    losses, metrics = L.aligndistil_loss(policy_logits, teacher, mask, alpha=None if beta else alpha,
-                                         beta0=beta0, weighting=weighting, beta=beta)
-    metrics.update(extra)
-    return losses, metrics
-
-
 def aligndistil_step(ctx: StepContext, batch: dict):
     """Eq. 18/19: reverse KL to the composite teacher at every response token."""
     cfg = ctx.cfg
@@ -303,10 +327,14 @@ def aligndistil_step(ctx: StepContext, batch: dict):
     neg = _frozen_outputs(ctx, negative_role(cfg), batch, pair=False)
     alpha, beta = teacher_alpha(cfg)
     tvd = ctx.cache.tvd(batch, pol.mask) if alpha is None and ctx.cache is not None and ctx.cache.has_tvd else None
+    weighting = {"beta0": cfg.beta0, "weighting": cfg.weighting, "beta": beta}
     zs, fused = _inputs(pol, dpo, neg)
-    fn = _pick(ctx, fused, aligndistil_plain_loss, FL.aligndistil_loss)
-    return fn(*zs, pol.labels, pol.mask, alpha=alpha, r=cfg.r, eps=cfg.eps, beta0=cfg.beta0,
-              weighting=cfg.weighting, beta=beta, tvd=tvd)
+    # The fused producer precomputes the gradients when it knows what each token's KL will
+    # receive from the composition (the row weight): a measured speed-up of the backward.
+    hint = L.kl_row_weight(pol.mask, alpha=alpha, **weighting) if fused else {}
+    produce = _pick(ctx, fused, L.aligndistil_token_stats, FL.aligndistil_token_stats, **hint)
+    kl, alpha, tvd = produce(*zs, pol.mask, alpha=alpha, r=cfg.r, eps=cfg.eps, tvd=tvd)
+    return L.aligndistil_loss_from_stats(kl, pol.mask, alpha=alpha, tvd=tvd, **weighting)
 
 
 def on_policy_prepare(ctx: StepContext, batch: dict) -> dict:
@@ -320,38 +348,83 @@ def on_policy_prepare(ctx: StepContext, batch: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- registry
+# Why the teacher cache cannot serve a method: it stores final hidden states of fixed responses.
+_NO_FROZEN = "it has no frozen model"
+_ON_POLICY = ("method.mode=on_policy samples new responses every step, so the teachers' outputs on them "
+              "cannot be computed in advance (use method.mode=off_policy)")
+
+# The online methods (PPO, RTO, REINFORCE) build on the helpers above; their steps live in
+# aligndistil.train.online, which reads this module's helpers only when a step runs.
+from aligndistil.train import online as ON  # noqa: E402
+
+_SAMPLES = ("it samples new responses from the policy every step (online RL), so the frozen models' outputs "
+            "on them cannot be computed in advance")
+_ONLINE = dict(batch="prompt", prepare=ON.ppo_rollout, make_modules=ON.make_ppo_modules, updates=ON.ppo_updates,
+               uncacheable=_SAMPLES)
+
 _STATIC = {
-    "sft": Method("sft", "sft", (), "tokens", sft_loss),
-    "dpo": Method("dpo", "pairs", ("reference",), "sequences", None),  # built per cfg (reverse)
-    "ipo": Method("ipo", "pairs", ("reference",), "sequences", dpo_family_loss(L.ipo_loss)),
-    "dpop": Method("dpop", "pairs", ("reference",), "sequences", dpo_family_loss(L.dpop_loss, lambda_="lambda_")),
-    "simpo": Method("simpo", "pairs", (), "sequences", simpo_step),
-    "kto": Method("kto", "unpaired", ("reference",), "sequences", kto_step),
-    "tdpo1": Method("tdpo1", "pairs", ("reference",), "sequences", tdpo_step(1)),
-    "tdpo2": Method("tdpo2", "pairs", ("reference",), "sequences", tdpo_step(2)),
-    "sparsepo": Method("sparsepo", "pairs", ("reference",), "sequences", sparsepo_step, make_modules=make_sparsepo_mask),
-    "mapo": Method("mapo", "pairs", ("reference",), "sequences", mapo_step),
+    "sft": Method("sft", "sft", (), "tokens", sft_loss, uncacheable=_NO_FROZEN),
+    "dpo": Method("dpo", "pairs", ("reference",), "sequences", dpo_family_loss(L.dpo_loss, reverse="reverse"),
+                  uncacheable=None),
+    "ipo": Method("ipo", "pairs", ("reference",), "sequences", dpo_family_loss(L.ipo_loss), uncacheable=None),
+    "dpop": Method("dpop", "pairs", ("reference",), "sequences", dpo_family_loss(L.dpop_loss, lambda_="lambda_"),
+                   uncacheable=None),
+    "simpo": Method("simpo", "pairs", (), "sequences", simpo_step, uncacheable=_NO_FROZEN),
+    "kto": Method("kto", "unpaired", ("reference",), "sequences", kto_step,
+                  uncacheable="its KL reference point is computed on mismatched prompt/completion pairs "
+                              "that change every step"),
+    "tdpo1": Method("tdpo1", "pairs", ("reference",), "sequences", tdpo_step(1), uncacheable=None),
+    "tdpo2": Method("tdpo2", "pairs", ("reference",), "sequences", tdpo_step(2), uncacheable=None),
+    "sparsepo": Method("sparsepo", "pairs", ("reference",), "sequences", sparsepo_step, make_modules=make_sparsepo_mask,
+                       uncacheable="its mask network reads every layer's hidden states of the reference, "
+                                   "not only the last"),
+    "mapo": Method("mapo", "pairs", ("reference",), "sequences", mapo_step,
+                   uncacheable="its mask reads the reference's attention and MLP activations, "
+                               "not only the last hidden state"),
+    # PPO / RTO: one step = one rollout batch, then ppo_epochs x num_mini_batches updates (docs/online-rl.md).
+    "ppo": Method("ppo", frozen=("reference",), normaliser="tokens", loss=ON.ppo_loss, **_ONLINE),
+    "rto": Method("rto", frozen=("reference", "dpo_model"), normaliser="tokens", loss=ON.ppo_loss, **_ONLINE),
 }
-METHOD_NAMES = tuple(_STATIC) + ("aligndistil",)
+METHOD_NAMES = tuple(_STATIC) + ("aligndistil", "reinforce")
+
+
+def _aligndistil(cfg: MethodConfig) -> Method:
+    """AlignDistil for one teacher and mode: the teacher picks the frozen models
+    (:func:`negative_role` is the one home of that rule), the mode the batch."""
+    if cfg.teacher not in TEACHERS:
+        raise ValueError(f"method.teacher must be one of {TEACHERS}, got {cfg.teacher!r}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"method.mode must be one of {MODES}, got {cfg.mode!r}")
+    negative = negative_role(cfg)
+    on = cfg.mode == "on_policy"
+    return Method(
+        "aligndistil", "prompt" if on else "sft", ("dpo_model", negative), "sequences",
+        # On-policy, the rollout (on_policy_prepare's samples) also reports the contrastive reward.
+        ON.with_rollout_metrics(aligndistil_step) if on else aligndistil_step,
+        prepare=ON.aligndistil_rollout if on else None, negative_role=negative,
+        uncacheable=_ON_POLICY if on else None,
+        # With the reverse-DPO model as negative an (off-policy) cache also stores
+        # TVD(pi_dpo, pi_rev): the adaptive teacher's alpha_t needs it, and one cache serves runs
+        # that differ only in method.teacher, r or eps (none of them is in its fingerprint).
+        tvd_roles=None if on or negative == "reference" else ("dpo_model", negative),
+    )
+
+
+def _reinforce(cfg: MethodConfig) -> Method:
+    """REINFORCE with the contrastive reward (AlignDistil App. E): Eq. 42 or Eq. 43 by ``method.level``."""
+    if cfg.level not in ON.LEVELS:
+        raise ValueError(f"method.level must be one of {ON.LEVELS}, got {cfg.level!r}")
+    return Method("reinforce", "prompt", ("dpo_model", "reverse_dpo_model"), "sequences", ON.reinforce_loss,
+                  prepare=ON.sample, uncacheable=_SAMPLES)
 
 
 def get_method(cfg: MethodConfig) -> Method:
     """The :class:`Method` for a config, validating method-specific options."""
-    name = cfg.name
-    if name == "dpo":
-        def loss(ctx, batch):
-            (pc, pr), (rc, rr), (mc, mr) = _pair_logps(ctx, batch)
-            return L.dpo_loss(pc, pr, rc, rr, mc, mr, beta=ctx.cfg.beta, reverse=ctx.cfg.reverse)
-        return Method("dpo", "pairs", ("reference",), "sequences", loss)
-    if name == "aligndistil":
-        if cfg.teacher not in TEACHERS:
-            raise ValueError(f"method.teacher must be one of {TEACHERS}, got {cfg.teacher!r}")
-        if cfg.mode not in MODES:
-            raise ValueError(f"method.mode must be one of {MODES}, got {cfg.mode!r}")
-        frozen = ("dpo_model", "reference") if cfg.teacher == "vanilla" else ("dpo_model", "reverse_dpo_model")
-        on = cfg.mode == "on_policy"
-        return Method("aligndistil", "prompt" if on else "sft", frozen, "sequences", aligndistil_step,
-                      prepare=on_policy_prepare if on else None)
-    if name not in _STATIC:
-        raise ValueError(f"method.name must be one of {METHOD_NAMES}, got {name!r}")
-    return _STATIC[name]
+    if cfg.name not in METHOD_NAMES:
+        raise ValueError(f"method.name must be one of {METHOD_NAMES}, got {cfg.name!r}")
+    ON.check_config(cfg)
+    if cfg.name == "aligndistil":
+        return _aligndistil(cfg)
+    if cfg.name == "reinforce":
+        return _reinforce(cfg)
+    return _STATIC[cfg.name]

@@ -14,6 +14,8 @@ losses need from them:
 
 This is not top-k caching of teacher probabilities (an approximation): with float32
 hidden states the losses and gradients equal those of a run with the teachers loaded.
+Which methods it can serve, and which TVD it stores, each method declares
+(``Method.uncacheable``, ``Method.tvd_roles`` in :mod:`aligndistil.train.methods`).
 
 A cache is a folder with a ``manifest.json`` that records a FINGERPRINT: content hashes of
 every cached model's files (config and weights) and the dtype it is loaded in, a hash of
@@ -43,25 +45,19 @@ import torch
 
 from aligndistil.model.outputs import ResponseOutputs, concat_pairs, linear_head, pair_outputs, response_outputs
 from aligndistil.model.outputs import response_positions
+from aligndistil.errors import AlignDistilError
 
 VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float32": (torch.float32, np.float32), "bfloat16": (torch.bfloat16, np.uint16)}
 
-#: Methods whose frozen models the cache can serve: only final hidden states are needed.
-SUPPORTED = {
-    "aligndistil": "off-policy only",
-    "tdpo1": "", "tdpo2": "", "dpo": "", "ipo": "", "dpop": "",
-}
-UNSUPPORTED_WHY = {
-    "sparsepo": "its mask network reads every layer's hidden states of the reference, not only the last",
-    "mapo": "its mask reads the reference's attention and MLP activations, not only the last hidden state",
-    "kto": "its KL reference point is computed on mismatched prompt/completion pairs that change every step",
-    "simpo": "it has no frozen model", "sft": "it has no frozen model",
-}
+#: The batch key the cache looks rows up by: ``(B,)`` long, each example's index in the
+#: training features (the order :func:`build` stored them in). The trainer's micro-batch
+#: builder adds it to every batch while a cache is in use; nothing else reads it.
+INDEX_KEY = "example_index"
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(AlignDistilError, ValueError):
     """A teacher cache that cannot be used: stale, incomplete, or for an unsupported setup."""
 
 
@@ -134,17 +130,11 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_supported(method_cfg) -> None:
-    """Refuse methods whose frozen outputs the cache cannot hold."""
-    name = method_cfg.name
-    if name in UNSUPPORTED_WHY:
-        raise TeacherCacheError(f"train.teacher_cache is not supported for {name}: {UNSUPPORTED_WHY[name]}")
-    if name not in SUPPORTED:
-        raise TeacherCacheError(f"train.teacher_cache is not supported for method {name!r}")
-    if name == "aligndistil" and method_cfg.mode != "off_policy":
-        raise TeacherCacheError(
-            "train.teacher_cache needs method.mode=off_policy: on-policy responses are sampled anew every step, "
-            "so the teachers' outputs on them cannot be computed in advance")
+def check_supported(method) -> None:
+    """Refuse a :class:`~aligndistil.train.methods.Method` whose frozen outputs the cache
+    cannot hold, quoting the reason its declaration (``uncacheable``) gives."""
+    if method.uncacheable is not None:
+        raise TeacherCacheError(f"train.teacher_cache is not supported for {method.name}: {method.uncacheable}")
 
 
 # ----------------------------------------------------------------------------- building
@@ -161,9 +151,10 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
         folder: where the cache goes; must not exist yet or be empty. Written to a
             temporary sibling first and renamed, so a cache is complete or absent.
         features, collator, kind: the training features (in their order: rows are looked
-            up by example index) and the collator that batches them; kind ``sft`` or ``pairs``.
+            up by :data:`INDEX_KEY`) and the collator that batches them; kind ``sft`` or ``pairs``.
         fp: :func:`fingerprint` of this run, recorded in the manifest.
-        tvd_roles: ``(dpo_role, negative_role)`` to also store ``TVD`` per token.
+        tvd_roles: ``(base_role, negative_role)`` to also store their ``TVD`` per token
+            (the method's ``Method.tvd_roles``).
     """
     from aligndistil.losses import fused as FL
 
@@ -336,9 +327,9 @@ class TeacherCache:
         return out.to(self.device)
 
     def _index(self, batch: dict) -> torch.Tensor:
-        if "example_index" not in batch:
-            raise TeacherCacheError("teacher cache: the batch carries no example_index (is it a trainer batch?)")
-        return batch["example_index"]
+        if INDEX_KEY not in batch:
+            raise TeacherCacheError(f"teacher cache: the batch carries no {INDEX_KEY} (is it a trainer batch?)")
+        return batch[INDEX_KEY]
 
     def _out(self, role, stream, index, labels, mask) -> ResponseOutputs:
         hidden = self._gather(role, stream, index, mask)

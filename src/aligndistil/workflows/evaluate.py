@@ -5,23 +5,27 @@ This mirrors the papers' controlled experiments: the TDPO / SparsePO reward-vs-K
 AlignDistil's Tables 2-3 (reward accuracy of the DPO reward, the contrastive reward and a
 reward model on held-out pairs; KL to the DPO model; response length).
 
-The metric functions at the top are pure and documented with their exact definitions; the
-tests check each on hand-made cases. :func:`evaluate` runs them over a list of models:
+The metrics are pure functions in :mod:`aligndistil.workflows.eval_metrics` (re-exported
+here). :func:`evaluate` runs them over a list of models, in stages (per model and batch of
+prompts: generate, KL, score; then write):
 
-* every model samples one response per test prompt (per ``num_samples``) with a fixed seed,
-  each sample on its own seeded random stream, so all models are compared on the same
-  random draws (:func:`aligndistil.model.sampling.sample_with_logprobs`);
-* the ground-truth reward scores each response;
-* ``KL(pi || pi_other)`` is estimated by Monte Carlo on the model's own samples,
+* generate: every model samples one response per test prompt (per ``num_samples``) with a
+  fixed seed, each sample on its own seeded random stream, so all models are compared on
+  the same random draws (:func:`aligndistil.model.sampling.sample_with_logprobs`);
+* KL: ``KL(pi || pi_other)`` is estimated by Monte Carlo on the model's own samples,
   ``mean_y sum_t [log pi(y_t|s_t) - log pi_other(y_t|s_t)]`` (response tokens up to and
-  including EOS), for ``pi_other`` = the reference and the DPO model. The estimate is
-  unbiased only when samples are drawn at temperature 1 without top-p, which is the default;
-  results record the sampling settings. The exact per-token form,
+  including EOS), for ``pi_other`` = the reference and the DPO model. ``pi_other`` scores
+  the samples through the package's one response-token path (:func:`sample_logits`:
+  :func:`aligndistil.model.outputs.response_outputs` on ``[prompt ; sample]``) and the
+  per-token maths of :mod:`aligndistil.losses.ops`. The estimate is unbiased only when
+  samples are drawn at temperature 1 without top-p, which is the default; results record
+  the sampling settings. The exact per-token form,
   ``mean_y sum_t KL(pi(.|s_t) || pi_other(.|s_t))``, estimates the same quantity with less
   variance and is reported beside it (``*_tokenwise``);
-* on held-out preference pairs, the share ranked correctly by the DPO reward
-  ``beta0 log pi_dpo/pi_ref``, the contrastive reward ``beta0 log pi_dpo/pi_rev`` and,
-  if given, a reward model.
+* score: the ground-truth reward scores each response;
+* write: each model's summary and samples; then, on held-out preference pairs, the share
+  ranked correctly by the DPO reward ``beta0 log pi_dpo/pi_ref``, the contrastive reward
+  ``beta0 log pi_dpo/pi_rev`` and, if given, a reward model; then the report.
 
 Outputs in ``out_dir``: ``results.json``, ``results.md`` (the tables), ``samples/<name>.jsonl``
 (every response with its reward and KL terms) and PNG plots (:mod:`aligndistil.workflows.plots`).
@@ -29,18 +33,27 @@ Outputs in ``out_dir``: ``results.json``, ``results.md`` (the tables), ``samples
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from aligndistil.errors import AlignDistilError
 from aligndistil.fileio import atomic_write_text
+from aligndistil.losses.ops import label_logps
+from aligndistil.workflows.eval_metrics import (  # noqa: F401  (re-exported: the judge and tests import them here)
+    distinct_n,
+    implicit_rewards,
+    mean_ci95,
+    reward_accuracy,
+    sequence_kl_mc,
+    sequence_kl_tokenwise,
+)
 
 __all__ = [
     "EvalError",
@@ -51,102 +64,15 @@ __all__ = [
     "reward_accuracy",
     "implicit_rewards",
     "pair_logps",
-    "continuation_logits",
+    "sample_logits",
+    "EvalSettings",
     "evaluate",
     "format_table",
 ]
 
-#: Two-sided 95% quantile of the standard normal.
-Z95 = 1.959963984540054
 
-
-class EvalError(RuntimeError):
+class EvalError(AlignDistilError, RuntimeError):
     """The evaluation could not be completed (the message says which model and why)."""
-
-
-# ---------------------------------------------------------------------------- pure metrics
-def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of its normal-approximation 95% interval.
-
-    ``half = 1.96 * s / sqrt(n)`` with ``s`` the sample standard deviation (``n - 1`` in the
-    denominator). With fewer than two values the half-width is NaN (no spread to estimate).
-
-    Raises:
-        ValueError: no values, or a non-finite value.
-    """
-    xs = [float(v) for v in values]
-    if not xs:
-        raise ValueError("mean_ci95 needs at least one value")
-    if not all(math.isfinite(x) for x in xs):
-        raise ValueError("mean_ci95 got a non-finite value")
-    n = len(xs)
-    mean = sum(xs) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, Z95 * math.sqrt(var / n)
-
-
-def distinct_n(texts: Sequence[str], n: int = 2) -> float:
-    """Corpus-level distinct-n: unique word n-grams over all n-grams, across all texts.
-
-    Words are the whitespace-separated tokens of each text (case kept, punctuation attached);
-    n-grams never cross text boundaries. Returns 0.0 when no text has ``n`` words.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    total, seen = 0, set()
-    for t in texts:
-        words = t.split()
-        for i in range(len(words) - n + 1):
-            seen.add(tuple(words[i:i + n]))
-            total += 1
-    return len(seen) / total if total else 0.0
-
-
-def sequence_kl_mc(logp_self: torch.Tensor, logp_other: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample Monte-Carlo term of ``KL(pi_self || pi_other)``: ``(B, T) x 3 -> (B,)``.
-
-    ``sum_t mask * (log pi_self(y_t|s_t) - log pi_other(y_t|s_t))`` for a ``y`` drawn from
-    ``pi_self``; its mean over samples is an unbiased estimate of the sequence KL (any single
-    term may be negative).
-    """
-    if not (logp_self.shape == logp_other.shape == mask.shape):
-        raise ValueError(f"shapes differ: {tuple(logp_self.shape)}, {tuple(logp_other.shape)}, {tuple(mask.shape)}")
-    return ((logp_self - logp_other) * mask).sum(-1)
-
-
-def sequence_kl_tokenwise(logits_self: torch.Tensor, logits_other: torch.Tensor, mask: torch.Tensor,
-                          normalized: bool = False) -> torch.Tensor:
-    """Per-sample ``sum_t KL(pi_self(.|s_t) || pi_other(.|s_t))`` over the full vocabulary.
-
-    ``(B, T, V), (B, T, V), (B, T) -> (B,)``; never negative. On samples from ``pi_self``
-    its mean estimates the same sequence KL as :func:`sequence_kl_mc`, with less variance.
-    With ``normalized=True`` both inputs are already log-probabilities (saves two softmaxes).
-    """
-    lp = logits_self.float() if normalized else F.log_softmax(logits_self.float(), -1)
-    lq = logits_other.float() if normalized else F.log_softmax(logits_other.float(), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
-    return (kl * mask).sum(-1)
-
-
-def reward_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
-    """Share of pairs with ``r(chosen) > r(rejected)``; an exact tie counts one half.
-
-    (Counting ties as half makes a constant reward score 0.5, chance level, rather than 0.)
-    """
-    if len(chosen) != len(rejected):
-        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected scores")
-    if not chosen:
-        raise ValueError("reward_accuracy needs at least one pair")
-    score = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
-    return score / len(chosen)
-
-
-def implicit_rewards(logp_num: Sequence[float], logp_den: Sequence[float], beta0: float) -> list[float]:
-    """``beta0 * (log pi_num(y|x) - log pi_den(y|x))`` per sequence: the DPO reward
-    (num = DPO model, den = reference) or the contrastive reward (den = reverse-DPO model)."""
-    return [beta0 * (float(a) - float(b)) for a, b in zip(logp_num, logp_den, strict=True)]
 
 
 # ---------------------------------------------------------------------------- model passes
@@ -155,65 +81,100 @@ def pair_logps(model, pairs_path: str | os.PathLike, tokenizer, batch_size: int 
                use_chat_template: bool | None = None) -> tuple[list[float], list[float]]:
     """Sequence log-probabilities ``log pi(y|x)`` of the chosen and rejected responses.
 
-    The pairs are tokenised exactly as training does (:func:`aligndistil.data.build_dataset`,
-    EOS appended, no truncation). Each prompt is run once for both of its responses
-    (:func:`prefill`, :func:`continuation_logits`).
+    The pairs are tokenised and collated exactly as training does
+    (:func:`aligndistil.data.build_dataset`, EOS appended, no truncation) and scored by
+    training's own forward (:func:`aligndistil.model.outputs.pair_outputs`, chosen and
+    rejected in one pass; :func:`aligndistil.losses.ops.label_logps` per token).
     """
-    from aligndistil.data import build_dataset
-    from aligndistil.model.sampling import left_pad
-    from aligndistil.model.outputs import pad_right
+    from aligndistil.data import PreferenceCollator, build_dataset
+    from aligndistil.model.outputs import pair_outputs
 
     feats, _ = build_dataset(pairs_path, tokenizer, "pairs", max_length=None, max_prompt_length=None,
                              use_chat_template=use_chat_template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: dict[str, list[float]] = {"chosen_ids": [], "rejected_ids": []}
+    collate = PreferenceCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, "pairs")
+    chosen: list[float] = []
+    rejected: list[float] = []
     for i in range(0, len(feats), batch_size):
-        chunk = feats[i:i + batch_size]
-        ids, att = left_pad([f["prompt_ids"] for f in chunk], pad)
-        cache = prefill(model, ids, att)
-        for key in out:
-            seqs = [torch.tensor(f[key]) for f in chunk]
-            tokens = pad_right(seqs, pad)
-            mask = pad_right([torch.ones_like(s) for s in seqs], 0, tokens.shape[1])
-            lp = torch.gather(F.log_softmax(continuation_logits(model, ids, att, tokens, mask, cache=cache), -1),
-                              -1, tokens[..., None]).squeeze(-1)
-            out[key] += (lp * mask).sum(-1).tolist()
-    return out["chosen_ids"], out["rejected_ids"]
+        c, r = pair_outputs(model, collate(feats[i:i + batch_size]))
+        chosen += (label_logps(c.logits.float(), c.labels) * c.mask).sum(-1).tolist()
+        rejected += (label_logps(r.logits.float(), r.labels) * r.mask).sum(-1).tolist()
+    return chosen, rejected
 
 
 @torch.no_grad()
-def prefill(model, prompt_ids: torch.Tensor, prompt_att: torch.Tensor):
-    """Run LEFT-padded prompts once: ``(kv_cache, logits of the first response token)``."""
-    pos = (prompt_att.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_att, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1].float()
+def sample_logits(model, prompt_ids: torch.Tensor, prompt_att: torch.Tensor, tokens: torch.Tensor,
+                  mask: torch.Tensor):
+    """``model``'s outputs on sampled responses, row ``t`` predicting response token ``t``.
 
+    Args:
+        prompt_ids, prompt_att: ``(B, Lp)`` the LEFT-padded prompts the samples answer.
+        tokens, mask: ``(B, N)`` the samples and their masks, as
+            :func:`aligndistil.model.sampling.sample_with_logprobs` returns them.
 
-@torch.no_grad()
-def continuation_logits(model, prompt_ids: torch.Tensor, prompt_att: torch.Tensor, tokens: torch.Tensor,
-                        mask: torch.Tensor, cache=None) -> torch.Tensor:
-    """Logits ``(B, N, V)`` of ``model`` predicting each response token ``tokens[:, t]``.
-
-    Row ``t`` is the distribution of response token ``t`` given the prompt and the earlier
-    response tokens (the first row comes from the last prompt position). ``cache`` is an
-    optional ``prefill(model, prompt_ids, prompt_att)`` result to reuse across calls (it is
-    copied, never modified), so the prompts are run once for any number of responses.
+    Returns:
+        :class:`aligndistil.model.outputs.ResponseOutputs` with ``logits (B, N, V)``,
+        ``labels (B, N)`` (the sampled ids, 0 where ``mask`` is 0) and ``mask (B, N)``: one
+        forward over ``[prompt ; sample]`` through the response-token path training uses
+        (:func:`aligndistil.model.outputs.response_outputs`). ``N`` is kept because the
+        sampler stops when every row has ended, so the longest row's mask covers every step.
     """
-    if cache is None:
-        cache = prefill(model, prompt_ids, prompt_att)
-    kv, first = cache
-    N = tokens.shape[1]
-    if N == 1:
-        return first[:, None]
-    kv = copy.deepcopy(kv)
-    start = prompt_att.long().sum(-1)
-    pos = start[:, None] + torch.arange(N - 1, device=tokens.device)[None]
-    att = torch.cat([prompt_att.long(), mask[:, :-1].long()], dim=1)
-    out = model(input_ids=tokens[:, :-1], attention_mask=att, position_ids=pos, past_key_values=kv, use_cache=True)
-    return torch.cat([first[:, None], out.logits.float()], dim=1)
+    from aligndistil.model.outputs import response_outputs
+    from aligndistil.model.sampling import pack_samples
+
+    return response_outputs(model, **pack_samples(prompt_ids, prompt_att, tokens, mask))
 
 
-# ---------------------------------------------------------------------------- orchestration
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that decides an evaluation's numbers (the flags of ``aligndistil eval``).
+
+    Attributes:
+        reference: ``pi_ref`` (KL anchor; its tokenizer renders the prompts).
+        dpo_model, reverse_dpo_model: ``pi_dpo`` (KL to DPO, DPO reward) and ``pi_rev``
+            (contrastive reward); either may be None.
+        prompts: test prompts (a file or shipped set, or the list itself).
+        reward: ground-truth reward spec (:func:`aligndistil.rewards.get_reward`).
+        pairs: held-out preference pairs (JSONL) for reward accuracy.
+        reward_model: a reward spec (e.g. ``bt:<folder>``) whose accuracy on ``pairs`` to report.
+        beta0: the DPO models' beta (scales the implicit rewards; accuracy does not depend on it).
+        max_new_tokens, temperature, top_p, seed, num_samples, batch_size: generation.
+        use_chat_template: render prompts as one user message with the chat template.
+        plots: write the PNG plots.
+        runs: training-run folders (name -> folder with metrics.jsonl) for the training-curve
+            plot; default: the evaluated models' folders that have one.
+    """
+
+    reference: str
+    dpo_model: str | None = None
+    reverse_dpo_model: str | None = None
+    prompts: str | list[str] = "sentiment:test"
+    reward: str = "vader"
+    pairs: str | None = None
+    reward_model: str | None = None
+    beta0: float = 0.1
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 1234
+    num_samples: int = 1
+    batch_size: int = 42
+    use_chat_template: bool = True
+    plots: bool = True
+    runs: dict[str, str] | None = None
+
+    def record(self, prompt_list: list[str]) -> dict:
+        """The ``settings`` section of ``results.json``."""
+        return {"prompts": self.prompts if isinstance(self.prompts, str) else f"{len(prompt_list)} prompts",
+                "n_prompts": len(prompt_list), "reward": str(self.reward), "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "num_samples": self.num_samples, "use_chat_template": self.use_chat_template,
+                "reference": self.reference, "dpo_model": self.dpo_model,
+                "reverse_dpo_model": self.reverse_dpo_model, "beta0": self.beta0,
+                "kl_estimator_unbiased": self.temperature == 1.0 and self.top_p == 1.0}
+
+
+# ---------------------------------------------------------------------------- report
 def _run_info(path: str) -> dict:
     """What a model folder says about its training run (config.yaml, COMPLETE.json)."""
     info: dict = {}
@@ -272,50 +233,164 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- stages
+class _Models:
+    """Loads each model once (keyed by its resolved folder) and lets go of those done with."""
+
+    def __init__(self):
+        self.loaded: dict[str, object] = {}
+
+    @staticmethod
+    def _key(path) -> str:
+        from aligndistil.model.loading import resolve_model_path
+
+        try:
+            return os.path.realpath(resolve_model_path(path))
+        except Exception:  # noqa: BLE001 - loading will report it
+            return str(path)
+
+    def get(self, path):
+        from aligndistil.model.loading import load_causal_lm
+
+        if self._key(path) not in self.loaded:
+            self.loaded[self._key(path)] = load_causal_lm(path)
+        return self.loaded[self._key(path)]
+
+    def release(self, path) -> None:
+        self.loaded.pop(self._key(path), None)
 
 
-def evaluate(
-    models: dict[str, str],
-    *,
-    reference: str,
-    out_dir: str | os.PathLike,
-    dpo_model: str | None = None,
-    reverse_dpo_model: str | None = None,
-    prompts: str | list[str] = "sentiment:test",
-    reward: str = "vader",
-    pairs: str | None = None,
-    reward_model: str | None = None,
-    beta0: float = 0.1,
-    max_new_tokens: int = 40,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 1234,
-    num_samples: int = 1,
-    batch_size: int = 42,
-    use_chat_template: bool = True,
-    plots: bool = True,
-    runs: dict[str, str] | None = None,
-    progress: bool = True,
-    log=print,
-) -> dict:
+@dataclass
+class _Run:
+    """What every model's evaluation shares."""
+
+    s: EvalSettings
+    prompt_list: list[str]
+    tok: object
+    batches: list  # [(rows [(prompt index, sample index)], ids (B, Lp), att (B, Lp))], LEFT-padded
+    reward_fn: object
+    others: dict  # KL anchors: role ("ref", "dpo") -> model
+    vocab: int
+    bar: object
+
+
+def _prompt_batches(tok, prompt_list: list[str], s: EvalSettings) -> list:
+    from aligndistil.data.collate import pad_with_mask
+    from aligndistil.model.sampling import encode_prompts
+
+    enc = encode_prompts(tok, prompt_list, s.use_chat_template)
+    rows = [(i, k) for i in range(len(prompt_list)) for k in range(s.num_samples)]
+    batches = []
+    for b0 in range(0, len(rows), s.batch_size):
+        chunk = rows[b0:b0 + s.batch_size]
+        ids, att = pad_with_mask([enc[i] for i, _ in chunk], tok.pad_token_id, side="left")
+        batches.append((chunk, ids, att))
+    return batches
+
+
+def _generate(lm, run: _Run, chunk, ids, att, eos: list[int]) -> dict:
+    """Generate: one sample per row on the row's own seeded stream, with the model's logits."""
+    from aligndistil.model.sampling import row_seed, sample_with_logprobs
+
+    s = run.s
+    return sample_with_logprobs(lm, ids, att, max_new_tokens=s.max_new_tokens,
+                                seeds=[row_seed(s.seed, i, k) for i, k in chunk], temperature=s.temperature,
+                                top_p=s.top_p, eos_token_ids=eos, pad_token_id=run.tok.pad_token_id,
+                                return_logits=True)
+
+
+def _kl_terms(lm, run: _Run, ids, att, g: dict) -> dict[str, torch.Tensor]:
+    """KL: per-sample terms ``(B,)`` to each anchor, Monte Carlo and ``_tokenwise``."""
+    mask = g["mask"].float()
+    terms = {}
+    for role, other in run.others.items():
+        if other is lm:
+            z = torch.zeros(mask.shape[0])
+            terms[role], terms[role + "_tokenwise"] = z, z
+            continue
+        out = sample_logits(other, ids, att, g["tokens"], g["mask"])
+        lp_other = label_logps(out.logits.float(), out.labels) * mask
+        terms[role] = sequence_kl_mc(g["logps"], lp_other, mask)
+        terms[role + "_tokenwise"] = sequence_kl_tokenwise(g["logits"], out.logits, mask)
+        del out
+    return terms
+
+
+def _score(run: _Run, name: str, chunk, texts: list[str]) -> list[float]:
+    """Score: the ground-truth reward of each response (a failing reward stops the run)."""
+    try:
+        return run.reward_fn([run.prompt_list[i] for i, _ in chunk], texts)
+    except Exception as e:  # RewardError, or ValueError for NaN / wrong count
+        run.bar.close()
+        raise EvalError(f"eval: scoring model {name!r}'s responses failed: {e}; no results.json was written") from e
+
+
+def _evaluate_model(name: str, path: str, lm, run: _Run) -> tuple[dict, list[dict]]:
+    """Generate, KL and score every batch for one model: its summary and its sample records."""
+    from aligndistil.model.sampling import decode_sample, stop_token_ids
+
+    t0 = time.time()
+    v = lm.get_output_embeddings().weight.shape[0]
+    if v != run.vocab:
+        raise EvalError(f"model {name!r} ({path}) has a vocabulary of {v} but the reference ({run.s.reference}) has "
+                        f"{run.vocab}: KL needs one shared vocabulary")
+    eos = stop_token_ids(lm, run.tok)
+    records = []
+    run.bar.set_description(f"eval {name}")
+    for chunk, ids, att in run.batches:
+        g = _generate(lm, run, chunk, ids, att, eos)
+        terms = _kl_terms(lm, run, ids, att, g)
+        del g["logits"]
+        batch = [{"prompt": run.prompt_list[i], "sample_index": k, **decode_sample(run.tok, g, b),
+                  **{f"kl_{key}": float(val[b]) for key, val in terms.items()}} for b, (i, k) in enumerate(chunk)]
+        for rec, sc in zip(batch, _score(run, name, chunk, [r["response"] for r in batch])):
+            rec["reward"] = sc
+        records += batch
+        run.bar.update(len(chunk))
+    return _summarise(path, records, run.others, t0), records
+
+
+def _summarise(path: str, records: list[dict], roles, t0: float) -> dict:
+    """Write (1): one model's line of the table, means and 95% intervals over its samples."""
+    mean, half = mean_ci95([r["reward"] for r in records])
+    res = {"path": str(path), "n_samples": len(records), "reward_mean": mean, "reward_ci95": half,
+           "length_mean": sum(r["n_tokens"] for r in records) / len(records),
+           "share_ended": sum(r["ended"] for r in records) / len(records),
+           "distinct_2": distinct_n([r["response"] for r in records], 2)}
+    for role in roles:
+        m, h = mean_ci95([r[f"kl_{role}"] for r in records])
+        res[f"kl_{role}"], res[f"kl_{role}_ci95"] = m, h
+        res[f"kl_{role}_tokenwise"] = mean_ci95([r[f"kl_{role}_tokenwise"] for r in records])[0]
+    res["run"] = _run_info(str(path))
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def _write_report(results: dict, out_dir: Path, s: EvalSettings) -> None:
+    """Write (2): plots, results.md, and last (it marks the report complete) results.json."""
+    if s.plots:
+        from aligndistil.workflows.plots import plot_frontier, plot_training_curves
+
+        results["plots"] = {"frontier": str(plot_frontier(results, out_dir / "frontier.png"))}
+        folders = s.runs if s.runs is not None else {n: r["path"] for n, r in results["models"].items()}
+        curves = {n: Path(p) / "metrics.jsonl" for n, p in folders.items() if (Path(p) / "metrics.jsonl").is_file()}
+        if curves:
+            results["plots"]["training_curves"] = str(plot_training_curves(curves, out_dir / "training_curves.png"))
+            results["plots"]["training_curve_runs"] = list(curves)
+    atomic_write_text(out_dir / "results.md", format_table(results))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, out_dir: str | os.PathLike,
+             progress: bool = True, log=print, **fields) -> dict:
     """Evaluate ``models`` (name -> folder / hub id / ``smollm2``) and write the report.
 
     Args:
         models: the models to evaluate, in table order.
-        reference: ``pi_ref`` (KL anchor; its tokenizer renders the prompts).
+        settings: an :class:`EvalSettings`. Its fields can also be given as keywords
+            (``reference=..., max_new_tokens=...``, as the CLI does); they override ``settings``.
         out_dir: where results.json, results.md, samples/ and the plots go.
-        dpo_model, reverse_dpo_model: ``pi_dpo`` (KL to DPO, DPO reward) and ``pi_rev``
-            (contrastive reward); either may be omitted.
-        prompts: test prompts (file or shipped set).
-        reward: ground-truth reward spec (:func:`aligndistil.rewards.get_reward`).
-        pairs: held-out preference pairs (JSONL) for reward accuracy.
-        reward_model: a reward spec (e.g. ``bt:<folder>``) whose accuracy on ``pairs`` to report.
-        beta0: the DPO models' beta (scales the implicit rewards; accuracy does not depend on it).
-        max_new_tokens, temperature, top_p, seed, num_samples, batch_size: generation.
-        use_chat_template: render prompts as one user message with the chat template.
-        plots: write the PNG plots.
-        runs: training-run folders (name -> folder with metrics.jsonl) for the training-curve
-            plot; default: the evaluated models' folders that have one.
+        progress: show a progress bar; ``log``: where the one-line summaries go.
 
     Returns:
         The results dict also written to ``results.json``.
@@ -323,155 +398,56 @@ def evaluate(
     Raises:
         EvalError: a reward failed or returned NaN, or a model's vocabulary does not match
             the reference's (messages name the model); results.json is then not written.
+        TypeError: a keyword that is not an :class:`EvalSettings` field, or no ``reference``.
     """
     from tqdm.auto import tqdm
 
-    from aligndistil.model.sampling import _eos_ids, encode_prompts, left_pad, row_seed, sample_with_logprobs
-    from aligndistil.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
-    from aligndistil.rewards import get_reward
     from aligndistil.data.prompt_sets import load_prompts
+    from aligndistil.model.loading import load_tokenizer
+    from aligndistil.rewards import get_reward
 
+    s = dataclasses.replace(settings, **fields) if settings is not None else EvalSettings(**fields)
     if not models:
         raise ValueError("evaluate needs at least one model")
-    if pairs is not None and not Path(pairs).is_file():
-        raise FileNotFoundError(f"held-out pairs file not found: {pairs}")
+    if s.pairs is not None and not Path(s.pairs).is_file():
+        raise FileNotFoundError(f"held-out pairs file not found: {s.pairs}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").unlink(missing_ok=True)  # never leave an old report beside new samples
     started = time.time()
-    prompt_list = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
-    reward_fn = get_reward(reward)
-    tok = load_tokenizer(reference)
-    pad = tok.pad_token_id
-    enc = encode_prompts(tok, prompt_list, use_chat_template)
-    rows = [(i, s) for i in range(len(prompt_list)) for s in range(num_samples)]
-    batches = []
-    for b0 in range(0, len(rows), batch_size):
-        chunk = rows[b0:b0 + batch_size]
-        ids, att = left_pad([enc[i] for i, _ in chunk], pad)
-        batches.append((chunk, ids, att))
-
-    loaded: dict[str, object] = {}
-
-    def _key(path):
-        try:
-            return os.path.realpath(resolve_model_path(path))
-        except Exception:  # noqa: BLE001 - loading will report it
-            return str(path)
-
-    def get(path):
-        if _key(path) not in loaded:
-            loaded[_key(path)] = load_causal_lm(path)
-        return loaded[_key(path)]
-
-    ref_lm = get(reference)
+    prompt_list = load_prompts(s.prompts) if isinstance(s.prompts, (str, os.PathLike)) else list(s.prompts)
+    reward_fn = get_reward(s.reward)
+    tok = load_tokenizer(s.reference)
+    batches = _prompt_batches(tok, prompt_list, s)
+    pool = _Models()
+    ref_lm = pool.get(s.reference)
     others = {"ref": ref_lm}
-    if dpo_model:
-        others["dpo"] = get(dpo_model)
-    vocab = ref_lm.get_output_embeddings().weight.shape[0]
-    caches: dict[tuple[str, int], tuple] = {}
-    settings = {"prompts": prompts if isinstance(prompts, str) else f"{len(prompt_list)} prompts",
-                "n_prompts": len(prompt_list), "reward": str(reward), "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed, "num_samples": num_samples,
-                "use_chat_template": use_chat_template, "reference": reference, "dpo_model": dpo_model,
-                "reverse_dpo_model": reverse_dpo_model, "beta0": beta0,
-                "kl_estimator_unbiased": temperature == 1.0 and top_p == 1.0}
-    results = {"settings": settings, "models": {}}
+    if s.dpo_model:
+        others["dpo"] = pool.get(s.dpo_model)
+    results = {"settings": s.record(prompt_list), "models": {}}
     (out_dir / "samples").mkdir(exist_ok=True)
-    total = len(models) * len(rows)
-    bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(models) * len(prompt_list) * s.num_samples, desc="eval", unit="sample",
+               disable=not progress, dynamic_ncols=True)
+    run = _Run(s, prompt_list, tok, batches, reward_fn, others, ref_lm.get_output_embeddings().weight.shape[0], bar)
     for name, path in models.items():
-        t0 = time.time()
-        lm = get(path)
-        v = lm.get_output_embeddings().weight.shape[0]
-        if v != vocab:
-            raise EvalError(f"model {name!r} ({path}) has a vocabulary of {v} but the reference ({reference}) has "
-                            f"{vocab}: KL needs one shared vocabulary")
-        eos = _eos_ids(lm, None)
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
-        records = []
-        bar.set_description(f"eval {name}")
-        for bi, (chunk, ids, att) in enumerate(batches):
-            g = sample_with_logprobs(lm, ids, att, max_new_tokens=max_new_tokens,
-                                     seeds=[row_seed(seed, i, s) for i, s in chunk], temperature=temperature,
-                                     top_p=top_p, eos_token_ids=eos, pad_token_id=pad, return_logits=True)
-            mask = g["mask"].float()
-            lp_self = F.log_softmax(g.pop("logits"), -1)
-            terms = {}
-            for role, other in others.items():
-                if other is lm:
-                    z = torch.zeros(mask.shape[0])
-                    terms[role], terms[role + "_tokenwise"] = z, z
-                    continue
-                if (role, bi) not in caches:
-                    caches[(role, bi)] = prefill(other, ids, att)
-                lq = F.log_softmax(continuation_logits(other, ids, att, g["tokens"], g["mask"],
-                                                       cache=caches[(role, bi)]), -1)
-                lp_other = torch.gather(lq, -1, g["tokens"][..., None]).squeeze(-1)
-                terms[role] = sequence_kl_mc(g["logps"], lp_other * mask, mask)
-                terms[role + "_tokenwise"] = sequence_kl_tokenwise(lp_self, lq, mask, normalized=True)
-                del lq
-            del lp_self
-            texts = []
-            for b, (i, s) in enumerate(chunk):
-                n = int(g["mask"][b].sum())
-                ended = bool(g["ended"][b])
-                body = g["tokens"][b, : n - 1 if ended else n].tolist()
-                texts.append(tok.decode(body, skip_special_tokens=True).strip())
-                rec = {"prompt": prompt_list[i], "sample_index": s, "response": texts[-1],
-                       "n_tokens": len(body), "ended": ended, "logp": float(g["logps"][b].sum())}
-                for key, val in terms.items():
-                    rec[f"kl_{key}"] = float(val[b])
-                records.append(rec)
-            try:
-                scores = reward_fn([prompt_list[i] for i, _ in chunk], texts)
-            except Exception as e:  # RewardError, or ValueError for NaN / wrong count
-                bar.close()
-                raise EvalError(f"eval: scoring model {name!r}'s responses failed: {e}; no results.json was written") from e
-            for rec, sc in zip(records[-len(chunk):], scores):
-                rec["reward"] = sc
-            bar.update(len(chunk))
-            del g
-        mean, half = mean_ci95([r["reward"] for r in records])
-        res = {"path": str(path), "n_samples": len(records), "reward_mean": mean, "reward_ci95": half,
-               "length_mean": sum(r["n_tokens"] for r in records) / len(records),
-               "share_ended": sum(r["ended"] for r in records) / len(records),
-               "distinct_2": distinct_n([r["response"] for r in records], 2)}
-        for role in others:
-            m, h = mean_ci95([r[f"kl_{role}"] for r in records])
-            res[f"kl_{role}"], res[f"kl_{role}_ci95"] = m, h
-            res[f"kl_{role}_tokenwise"] = mean_ci95([r[f"kl_{role}_tokenwise"] for r in records])[0]
-        res["run"] = _run_info(str(path))
-        res["seconds"] = round(time.time() - t0, 1)
+        lm = pool.get(path)
+        res, records = _evaluate_model(name, path, lm, run)
         results["models"][name] = res
         atomic_write_text(out_dir / "samples" / f"{name}.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        if lm is not ref_lm and not any(lm is o for o in others.values()):
-            loaded.pop(_key(path), None)
-            del lm
-        log(f"[eval] {name}: reward {mean:+.3f} ± {half:.3f}, KL to ref {res['kl_ref']:.2f}"
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        if not any(lm is o for o in others.values()):
+            pool.release(path)  # the KL anchors stay loaded for the next model
+        del lm
+        log(f"[eval] {name}: reward {res['reward_mean']:+.3f} ± {res['reward_ci95']:.3f}, KL to ref {res['kl_ref']:.2f}"
             + (f", KL to DPO {res['kl_dpo']:.2f}" if "kl_dpo" in res else "")
             + f", length {res['length_mean']:.1f}, distinct-2 {res['distinct_2']:.3f} ({res['seconds']} s)")
     bar.close()
-    caches.clear()
 
-    if pairs is not None:
-        results["reward_accuracy"] = _pair_accuracy(pairs, tok, ref_lm, get, dpo_model, reverse_dpo_model,
-                                                    reward_model, beta0, log)
+    if s.pairs is not None:
+        results["reward_accuracy"] = _pair_accuracy(s.pairs, tok, ref_lm, pool.get, s.dpo_model, s.reverse_dpo_model,
+                                                    s.reward_model, s.beta0, log)
     results["seconds"] = round(time.time() - started, 1)
-    if plots:
-        from aligndistil.workflows.plots import plot_frontier, plot_training_curves
-
-        results["plots"] = {"frontier": str(plot_frontier(results, out_dir / "frontier.png"))}
-        folders = runs if runs is not None else {n: r["path"] for n, r in results["models"].items()}
-        curves = {n: Path(p) / "metrics.jsonl" for n, p in folders.items() if (Path(p) / "metrics.jsonl").is_file()}
-        if curves:
-            results["plots"]["training_curves"] = str(plot_training_curves(curves, out_dir / "training_curves.png"))
-            results["plots"]["training_curve_runs"] = list(curves)
-    table = format_table(results)
-    atomic_write_text(out_dir / "results.md", table)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")  # last: marks the report complete
+    _write_report(results, out_dir, s)
     return results
 
 

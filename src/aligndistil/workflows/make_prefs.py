@@ -18,21 +18,24 @@ leaves no file that looks complete (:func:`prefs_complete`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from aligndistil.fileio import atomic_write_text
+from aligndistil.errors import AlignDistilError
 
-__all__ = ["PrefsError", "make_prefs", "meta_path", "prefs_complete", "prefs_settings"]
+__all__ = ["PrefsError", "PrefsSettings", "make_prefs", "meta_path", "prefs_complete", "prefs_settings"]
 
 META_SUFFIX = ".meta.json"
 
 
-class PrefsError(RuntimeError):
+class PrefsError(AlignDistilError, RuntimeError):
     """make-prefs could not produce a data set; nothing that looks complete was written."""
 
 
@@ -79,33 +82,11 @@ def prefs_complete(out: str | os.PathLike, settings: dict | None = None) -> bool
     return n_lines == info.get("counts", {}).get("n_pairs")
 
 
+@dataclass(frozen=True)
+class PrefsSettings:
+    """How pairs are made (the flags of ``aligndistil make-prefs``).
 
-
-def make_prefs(
-    model: str,
-    prompts: str | list[str],
-    out: str | os.PathLike,
-    *,
-    reward: str = "vader",
-    k: int = 2,
-    max_new_tokens: int = 40,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    tie_threshold: float = 0.05,
-    max_prompts: int | None = None,
-    batch_size: int = 32,
-    use_chat_template: bool = True,
-    progress: bool = True,
-    skip_if_complete: bool = False,
-    log=print,
-) -> dict:
-    """Sample, score and pair responses; write ``out`` (JSONL) and its sidecar.
-
-    Args:
-        model: a local HF folder, a hub id, or ``smollm2``.
-        prompts: a prompt file, a shipped set (``sentiment:train``), or a list of prompts.
-        out: the JSONL file to write.
+    Attributes:
         reward: a reward spec for :func:`aligndistil.rewards.get_reward`.
         k: responses sampled per prompt (>= 2).
         max_new_tokens, temperature, top_p: generation settings.
@@ -113,8 +94,49 @@ def make_prefs(
             :func:`aligndistil.model.sampling.sample_with_logprobs`).
         tie_threshold: skip a prompt when ``|best - worst| < tie_threshold``.
         max_prompts: use only the first N prompts.
-        batch_size: samples generated together.
+        batch_size: samples generated together (never changes the pairs).
         use_chat_template: render prompts as one user message with the chat template.
+    """
+
+    reward: str = "vader"
+    k: int = 2
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    tie_threshold: float = 0.05
+    max_prompts: int | None = None
+    batch_size: int = 32
+    use_chat_template: bool = True
+
+    def check(self) -> None:
+        """Raise ValueError on settings that cannot make pairs."""
+        if self.k < 2:
+            raise ValueError(f"k must be at least 2 (best vs worst), got {self.k}")
+        if self.tie_threshold < 0:
+            raise ValueError(f"tie_threshold must be >= 0, got {self.tie_threshold}")
+        if self.max_prompts is not None and self.max_prompts <= 0:
+            raise ValueError(f"max_prompts must be > 0, got {self.max_prompts}")
+
+    def fingerprinted(self, model: str, prompts: str | list[str]) -> dict:
+        """The settings that decide the file's content (:func:`prefs_settings`; no batch size)."""
+        return prefs_settings(model, prompts, self.reward, k=self.k, max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                              tie_threshold=self.tie_threshold, max_prompts=self.max_prompts,
+                              use_chat_template=self.use_chat_template)
+
+
+def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, settings: PrefsSettings | None = None,
+               *, progress: bool = True, skip_if_complete: bool = False, log=print, **fields) -> dict:
+    """Sample, score and pair responses; write ``out`` (JSONL) and its sidecar.
+
+    Args:
+        model: a local HF folder, a hub id, or ``smollm2``.
+        prompts: a prompt file, a shipped set (``sentiment:train``), or a list of prompts.
+        out: the JSONL file to write.
+        settings: a :class:`PrefsSettings`. Its fields can also be given as keywords
+            (``reward=..., k=...``, as the CLI does); they override ``settings``.
+        progress: show a progress bar; ``log``: where the summary line goes.
         skip_if_complete: return the existing sidecar if ``out`` is complete with the same
             settings.
 
@@ -127,57 +149,93 @@ def make_prefs(
         PrefsError: no pair survived, or the reward failed (the message names the reward
             and the prompts being scored); nothing is written in either case.
         ValueError, PromptFileError, ModelLoadError: bad arguments, prompt file or model.
+        TypeError: a keyword that is not a :class:`PrefsSettings` field.
     """
-    from aligndistil.workflows.evaluate import mean_ci95
-    from aligndistil.model.sampling import generate_texts
-    from aligndistil.model.loading import load_causal_lm, load_tokenizer
-    from aligndistil.rewards import get_reward
     from aligndistil.data.prompt_sets import load_prompts
+    from aligndistil.rewards import get_reward
+    from aligndistil.workflows.eval_metrics import mean_ci95
 
-    if k < 2:
-        raise ValueError(f"k must be at least 2 (best vs worst), got {k}")
-    if tie_threshold < 0:
-        raise ValueError(f"tie_threshold must be >= 0, got {tie_threshold}")
-    if max_prompts is not None and max_prompts <= 0:
-        raise ValueError(f"max_prompts must be > 0, got {max_prompts}")
+    s = dataclasses.replace(settings, **fields) if settings is not None else PrefsSettings(**fields)
+    s.check()
     out = Path(out)
-    settings = prefs_settings(model, prompts, reward, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, tie_threshold=tie_threshold, max_prompts=max_prompts,
-                              use_chat_template=use_chat_template)
-    if skip_if_complete and prefs_complete(out, settings):
+    fingerprinted = s.fingerprinted(model, prompts)
+    if skip_if_complete and prefs_complete(out, fingerprinted):
         log(f"[make-prefs] {out}: complete with the same settings, skipped")
         return json.loads(meta_path(out).read_text())
     prompt_list = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
-    if max_prompts is not None:
-        prompt_list = prompt_list[:max_prompts]
-    reward_fn = get_reward(reward)
+    if s.max_prompts is not None:
+        prompt_list = prompt_list[:s.max_prompts]
+    scorer = _Scorer(get_reward(s.reward), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta_path(out).unlink(missing_ok=True)  # from here on, the old output no longer looks complete
 
     started = time.time()
+    samples = _sample(model, prompt_list, s, scorer, progress)
+    for r in samples:
+        r["reward"] = scorer.scores[(r["prompt_index"], r["sample_index"])]
+    lines, counts = _pair(samples, prompt_list, s)
+    if not lines:
+        raise PrefsError(
+            f"make-prefs: no pair survived ({counts['n_ties']} ties below {s.tie_threshold}, "
+            f"{counts['n_too_few']} prompts with fewer than 2 non-empty responses, {counts['n_identical']} "
+            f"identical); nothing was written to {out}. Use more prompts, a larger k or a lower --tie-threshold."
+        )
+    mean, half = mean_ci95([r["reward"] for r in samples])
+    info = {
+        "settings": fingerprinted,
+        "fingerprint": _fingerprint(fingerprinted),
+        "counts": counts,
+        "sample_reward": {"mean": mean, "ci95": half if math.isfinite(half) else None},
+        "mean_response_tokens": sum(r["n_tokens"] for r in samples) / len(samples),
+        "share_ended_with_eos": sum(r["ended"] for r in samples) / len(samples),
+        "seconds": round(time.time() - started, 1),
+        "data": out.name,
+    }
+    _write(out, lines, info)
+    log(f"[make-prefs] {out}: {counts['n_pairs']} pairs from {counts['n_prompts']} prompts x {s.k} samples "
+        f"({counts['n_ties']} ties, {counts['n_too_few']} too few, {counts['n_identical']} identical skipped); "
+        f"sample reward {mean:+.3f} +- {half:.3f}; {info['seconds']} s")
+    return info
+
+
+def _sample(model: str, prompt_list: list[str], s: PrefsSettings, scorer, progress: bool) -> list[dict]:
+    """Sample: ``k`` responses per prompt, each on its own seeded stream; every batch is
+    scored as soon as it is decoded (``scorer``), so a failing reward stops the run early."""
+    from aligndistil.model.loading import load_causal_lm, load_tokenizer
+    from aligndistil.model.sampling import generate_texts
+
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model)
-    scores: dict[tuple[int, int], float] = {}
+    return generate_texts(lm, tokenizer, prompt_list, num_samples=s.k, max_new_tokens=s.max_new_tokens,
+                          temperature=s.temperature, top_p=s.top_p, seed=s.seed, batch_size=s.batch_size,
+                          use_chat_template=s.use_chat_template, progress=progress, desc="make-prefs",
+                          on_batch=scorer)
 
-    def score(batch: list[dict]) -> None:
+
+class _Scorer:
+    """Score: the reward of each sample, by ``(prompt index, sample index)``."""
+
+    def __init__(self, reward_fn, out: Path):
+        self.reward_fn, self.out = reward_fn, out
+        self.scores: dict[tuple[int, int], float] = {}
+
+    def __call__(self, batch: list[dict]) -> None:
         first, last = batch[0]["prompt_index"], batch[-1]["prompt_index"]
         try:
-            values = reward_fn([r["prompt"] for r in batch], [r["response"] for r in batch])
+            values = self.reward_fn([r["prompt"] for r in batch], [r["response"] for r in batch])
         except Exception as e:  # RewardError, or ValueError for NaN / wrong count
             raise PrefsError(f"make-prefs: scoring the responses to prompts {first}-{last} failed: {e}; "
-                             f"nothing was written to {out}") from e
+                             f"nothing was written to {self.out}") from e
         for r, v in zip(batch, values):
-            scores[(r["prompt_index"], r["sample_index"])] = v
+            self.scores[(r["prompt_index"], r["sample_index"])] = v
 
-    samples = generate_texts(lm, tokenizer, prompt_list, num_samples=k, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-                             use_chat_template=use_chat_template, progress=progress, desc="make-prefs",
-                             on_batch=score)
+
+def _pair(samples: list[dict], prompt_list: list[str], s: PrefsSettings) -> tuple[list[str], dict]:
+    """Pair: best vs worst non-empty response per prompt, as JSONL lines, with the counts of
+    prompts skipped (too few responses, a tie below ``tie_threshold``, identical texts)."""
     by_prompt: dict[int, list[dict]] = {}
     for r in samples:
-        r["reward"] = scores[(r["prompt_index"], r["sample_index"])]
         by_prompt.setdefault(r["prompt_index"], []).append(r)
-
     counts = {"n_prompts": len(prompt_list), "n_samples": len(samples), "n_pairs": 0,
               "n_ties": 0, "n_too_few": 0, "n_identical": 0}
     lines = []
@@ -190,38 +248,21 @@ def make_prefs(
         best = max(rows, key=lambda r: r["reward"])
         worst = min(reversed(rows), key=lambda r: r["reward"])
         gap = best["reward"] - worst["reward"]
-        if gap <= 0 or gap < tie_threshold:  # an exact tie is never a preference
+        if gap <= 0 or gap < s.tie_threshold:  # an exact tie is never a preference
             counts["n_ties"] += 1
             continue
         if best["response"] == worst["response"]:
             counts["n_identical"] += 1
             continue
-        prompt = [{"role": "user", "content": prompt_list[i]}] if use_chat_template else prompt_list[i]
+        prompt = [{"role": "user", "content": prompt_list[i]}] if s.use_chat_template else prompt_list[i]
         lines.append(json.dumps({"prompt": prompt, "chosen": best["response"], "rejected": worst["response"],
                                  "chosen_reward": best["reward"], "rejected_reward": worst["reward"]},
                                 ensure_ascii=False))
     counts["n_pairs"] = len(lines)
-    if not lines:
-        raise PrefsError(
-            f"make-prefs: no pair survived ({counts['n_ties']} ties below {tie_threshold}, "
-            f"{counts['n_too_few']} prompts with fewer than 2 non-empty responses, {counts['n_identical']} "
-            f"identical); nothing was written to {out}. Use more prompts, a larger k or a lower --tie-threshold."
-        )
-    all_rewards = [r["reward"] for r in samples]
-    mean, half = mean_ci95(all_rewards)
-    info = {
-        "settings": settings,
-        "fingerprint": _fingerprint(settings),
-        "counts": counts,
-        "sample_reward": {"mean": mean, "ci95": half if math.isfinite(half) else None},
-        "mean_response_tokens": sum(r["n_tokens"] for r in samples) / len(samples),
-        "share_ended_with_eos": sum(r["ended"] for r in samples) / len(samples),
-        "seconds": round(time.time() - started, 1),
-        "data": out.name,
-    }
+    return lines, counts
+
+
+def _write(out: Path, lines: list[str], info: dict) -> None:
+    """Write: the pairs, then the sidecar (last: a sidecar marks the output complete)."""
     atomic_write_text(out, "\n".join(lines) + "\n")
-    atomic_write_text(meta_path(out), json.dumps(info, indent=2) + "\n")  # last: marks the output complete
-    log(f"[make-prefs] {out}: {counts['n_pairs']} pairs from {counts['n_prompts']} prompts x {k} samples "
-        f"({counts['n_ties']} ties, {counts['n_too_few']} too few, {counts['n_identical']} identical skipped); "
-        f"sample reward {mean:+.3f} +- {half:.3f}; {info['seconds']} s")
-    return info
+    atomic_write_text(meta_path(out), json.dumps(info, indent=2) + "\n")

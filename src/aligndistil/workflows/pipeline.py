@@ -103,7 +103,10 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, log=print
             log(f"[pipeline] {st.name}: complete in {out}, skipped")
         else:
             log(f"[pipeline] {st.name}: training {st.cfg.method.name} -> {out}")
-            train(st.cfg, fingerprint=st.fingerprint)
+            # A stage folder holding a finished run of other settings is this pipeline's own
+            # earlier result of the stage: retraining it replaces it (the trainer refuses to
+            # write over a finished run unless told to).
+            train(st.cfg, fingerprint=st.fingerprint, overwrite=(out / COMPLETE).is_file())
         outs.append(out)
     return outs
 

@@ -129,18 +129,15 @@ def load_quickstart(path: str | os.PathLike, overrides: list[str] | None = None,
 
 
 def _prefs(spec: dict, section: str, out_dir: Path, policy: str, progress: bool, log) -> Path:
-    from aligndistil.workflows.make_prefs import _fingerprint, make_prefs, prefs_settings
+    from aligndistil.workflows.make_prefs import PrefsSettings, _fingerprint, make_prefs
 
     p = dict(spec[section])
-    s = {k: p[k] for k in ("k", "max_new_tokens", "temperature", "top_p", "seed", "tie_threshold", "max_prompts",
-                           "use_chat_template") if k in p}
-    prompts = p.get("prompts", "sentiment:train" if section == "prefs" else "sentiment:test")
-    defaults = dict(k=2, max_new_tokens=40, temperature=1.0, top_p=1.0, seed=0, tie_threshold=0.05, max_prompts=None,
-                    use_chat_template=True)
-    settings = prefs_settings(policy, prompts, spec.get("reward", "vader"), **{**defaults, **s})
-    out = out_dir / "data" / f"{'train' if section == 'prefs' else 'heldout'}-{_fingerprint(settings)[:8]}.jsonl"
-    make_prefs(policy, prompts, out, reward=spec.get("reward", "vader"), batch_size=p.get("batch_size", 32),
-               progress=progress, skip_if_complete=True, log=log, **{**defaults, **s})
+    prompts = p.pop("prompts", "sentiment:train" if section == "prefs" else "sentiment:test")
+    settings = PrefsSettings(reward=spec.get("reward", "vader"), **p)
+    # The file is named after what decides its content, so changed settings make a new file.
+    fp = _fingerprint(settings.fingerprinted(policy, prompts))
+    out = out_dir / "data" / f"{'train' if section == 'prefs' else 'heldout'}-{fp[:8]}.jsonl"
+    make_prefs(policy, prompts, out, settings, progress=progress, skip_if_complete=True, log=log)
     return out
 
 
@@ -188,7 +185,7 @@ def run_quickstart(config: str | os.PathLike, overrides: list[str] | None = None
     Also writes ``output_dir/quickstart.json``: the time each phase took and where its
     outputs are.
     """
-    from aligndistil.workflows.evaluate import evaluate, format_table
+    from aligndistil.workflows.evaluate import EvalSettings, evaluate, format_table
     from aligndistil.workflows.pipeline import run_pipeline
 
     t_start = time.time()
@@ -238,12 +235,11 @@ def run_quickstart(config: str | os.PathLike, overrides: list[str] | None = None
     dpo_stage, rev_stage = ev.pop("dpo_stage", None), ev.pop("reverse_dpo_stage", None)
     eval_prompts = ev.pop("prompts", "sentiment:test")
     t = time.time()
-    res = evaluate(models, reference=policy, out_dir=out_dir / "eval",
-                   dpo_model=folders.get(dpo_stage) if dpo_stage else None,
-                   reverse_dpo_model=folders.get(rev_stage) if rev_stage else None,
-                   prompts=eval_prompts, reward=spec.get("reward", "vader"),
-                   pairs=str(heldout_pairs) if heldout_pairs else None, runs=folders, progress=progress, log=log,
-                   **ev)
+    settings = EvalSettings(reference=policy, dpo_model=folders.get(dpo_stage) if dpo_stage else None,
+                            reverse_dpo_model=folders.get(rev_stage) if rev_stage else None, prompts=eval_prompts,
+                            reward=spec.get("reward", "vader"), pairs=str(heldout_pairs) if heldout_pairs else None,
+                            runs=folders, **ev)
+    res = evaluate(models, settings, out_dir=out_dir / "eval", progress=progress, log=log)
     timings["eval"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - t_start, 1)
     summary = {"config": spec["_source"], "overrides": overrides or [], "timings_s": timings,

@@ -1,45 +1,34 @@
-"""Fused, chunked token-level losses: from final hidden states to loss without ``B x T x V``.
+"""The engine of the fused path: per-token statistics from hidden states and head weights, never ``B x T x V``.
 
 Every token-level loss in this package needs, at each response token, one or more
 full-vocabulary distributions: the policy's (and its gradient), the reference's (TDPO,
 SparsePO), or two teachers' (AlignDistil). Computed plainly, each is a ``(B, T, V)`` fp32
-tensor; a step holds five or more of them. This module computes the same per-token
+tensor; a step holds five or more of them. The fused path computes the same per-token
 statistics from the final hidden states and the LM head weights, over chunks of
 ``chunk_size`` response rows at a time, and never allocates more than a few
 ``chunk_size x V`` buffers.
 
-How it fits the rest of the package. The functions here produce PER-TOKEN statistics
-(label log-probs, ``KL(p_ref || p_theta)``, ``KL(p_theta || pi*)``, ``alpha_t``) and hand
-them to the same sequence-level functions the plain path uses
-(:func:`~aligndistil.losses.tdpo.token_level_dpo_from_stats`,
-:func:`~aligndistil.losses.sparsepo.sparsepo_loss_from_stats`,
-:func:`~aligndistil.losses.aligndistil.aligndistil_loss_from_token_kl`, the DPO family on
-label log-probs). The per-token statistics come out of a custom
-:class:`torch.autograd.Function` whose backward multiplies each row's analytic gradient
-with respect to the policy's logits by the upstream gradient that row receives, so masks,
-sequence weights and learned mask parameters get their gradients from ordinary autograd.
+This module is the generic machinery; what a chunk computes is a :class:`Kernel`
+(:mod:`aligndistil.losses.fused.kernels`: label log-prob, forward KL, reverse KL, teacher
+TVD). The engine
 
-The analytic gradients with respect to the policy's logits ``z`` (``p = softmax(z)``):
-
-- label log-prob: ``d log p(y) / dz = onehot(y) - p``;
-- forward KL (TDPO): ``d KL(p_ref || p) / dz = p - p_ref``;
-- reverse KL (AlignDistil): ``d KL(p || q) / dz = p * (log p - log q - KL(p || q))``.
-
-From a chunk's logit gradient ``G`` (rows x V) the hidden-state gradient is ``G @ W`` and
-the head's is accumulated as ``G^T @ h`` (``G.sum(0)`` for a bias). Tied and untied
-embeddings both work: the head weight is an ordinary input, and autograd adds its gradient
-to the embedding when they are the same parameter.
+- gathers the masked rows of one or more row groups (:func:`run_kernel`), prepares the heads
+  (:class:`Head`: matmul and accumulation dtypes) and sizes the chunks (:func:`auto_chunk_rows`);
+- runs the kernel chunk by chunk inside a :class:`torch.autograd.Function` whose backward
+  multiplies each row's analytic gradient with respect to the policy's logits by the
+  upstream gradient that row receives, so masks, sequence weights and learned mask
+  parameters get their gradients from ordinary autograd;
+- turns a chunk's logit gradient ``G`` (rows x V) into the hidden-state gradient ``G @ W``
+  and accumulates the head's ``G^T @ h`` (``G.sum(0)`` for a bias). Tied and untied
+  embeddings both work: the head weight is an ordinary input, and autograd adds its gradient
+  to the embedding when they are the same parameter.
 
 Backward normally recomputes each chunk's logits (one extra matmul per head). When the
 caller knows each row's upstream gradient up to one constant factor (AlignDistil: the loss
-is linear in the per-token KL, with row weight ``beta_t / |y|``), it passes that as
-``row_weight``; the forward then computes the gradients right away and the backward only
-rescales them, after checking that the incoming gradient really is proportional to
-``row_weight`` (if it is not, it recomputes, so the result is always exact).
-
-:class:`HeadRows` stands in for the logits ``hidden @ W^T + b`` of one model: the fused
-loss functions take ``HeadRows`` where their plain counterparts take logits, with the
-same argument order, so a caller switches path by switching function.
+is linear in the per-token KL, :func:`aligndistil.losses.aligndistil.kl_row_weight`), it
+passes that as ``row_weight``; the forward then computes the gradients right away and the
+backward only rescales them, after checking that the incoming gradient really is
+proportional to ``row_weight`` (if it is not, it recomputes, so the result is always exact).
 """
 
 from __future__ import annotations
@@ -50,10 +39,7 @@ from typing import Sequence
 
 import torch
 
-from aligndistil.losses.checks import check_mask, check_nonnegative, check_positive
-from aligndistil.losses.aligndistil import aligndistil_loss_from_token_kl, token_weights
-from aligndistil.losses.sparsepo import sparsepo_loss_from_stats
-from aligndistil.losses.tdpo import token_level_dpo_from_stats
+from aligndistil.losses.checks import check_mask
 
 # Rows per chunk. "auto" picks them from a byte budget for the chunk's full-vocabulary fp32
 # buffers, because what a chunk costs is rows x V: 256 rows are 50 MB per buffer at
@@ -62,22 +48,26 @@ from aligndistil.losses.tdpo import token_level_dpo_from_stats
 # (benchmarks/bench_loss.py; BENCHMARKS.md has the measured sweep).
 DEFAULT_CHUNK_SIZE = "auto"
 AUTO_CHUNK_BYTES = 128 * 2**20
+# A GPU wants larger chunks: at 64 rows (the CPU budget at V=151,936) the head matmuls are
+# small and memory-bound. Measured on an H200 (benchmarks/results/gpu-check.md, AlignDistil
+# loss side, 4,096 rows): 244 ms at 64 rows, 89 ms at 512, 83 ms at 1,024, plain 67 ms; peak
+# 2.8 / 3.7 / 4.7 GiB against 24.8 GiB for the plain path. 1 GiB of buffers gives 576 rows there
+# (432 with bf16 heads, which need one more buffer).
+AUTO_CHUNK_BYTES_CUDA = 2**30
 AUTO_CHUNK_MULTIPLE, AUTO_CHUNK_MAX = 16, 4096
 
 # How often a backward rescaled the forward's precomputed gradients vs. recomputed them
 # (for tests and benchmarks; never read by the code).
 STATS = {"rescaled": 0, "recomputed": 0}
 
-__all__ = [
-    "DEFAULT_CHUNK_SIZE", "HeadRows", "label_logps", "token_level_stats", "tdpo_loss", "sparsepo_loss",
-    "aligndistil_token_stats", "aligndistil_loss", "check_chunk_size", "auto_chunk_rows", "fast_bf16_cpu",
-]
-
 
 # ----------------------------------------------------------------------------- inputs
 @dataclass
 class HeadRows:
     """The logits ``hidden @ weight^T + bias`` of one model, not yet computed.
+
+    The fused producers take ``HeadRows`` where their plain counterparts take logits, with
+    the same argument order, so a caller switches path by switching function.
 
     Attributes:
         hidden: ``(B, T, d)`` final hidden states aligned to response tokens (row ``t``
@@ -109,6 +99,27 @@ class HeadRows:
             raise ValueError(f"{name}.bias has shape {tuple(self.bias.shape)}, expected ({self.weight.shape[0]},)")
 
 
+def check_rows(name: str, z: HeadRows, labels: torch.Tensor, mask: torch.Tensor, vocab: int | None = None) -> None:
+    """``z`` is a valid :class:`HeadRows` with a ``(B, T)`` mask and in-vocabulary labels."""
+    if not isinstance(z, HeadRows):
+        raise ValueError(f"{name} must be HeadRows (final hidden states + LM head) on the fused path")
+    z.check(name)
+    check_mask(f"mask of {name}", mask, z.hidden.shape[:2])
+    if labels.shape != mask.shape:
+        raise ValueError(f"labels of {name} have shape {tuple(labels.shape)}, expected {tuple(mask.shape)}")
+    V = z.weight.shape[0]
+    if vocab is not None and V != vocab:
+        raise ValueError(f"{name} has a vocabulary of {V} but the policy has {vocab}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= V):
+        raise ValueError(f"labels of {name} have ids outside [0, {V})")
+
+
+def check_same_rows(name: str, z: HeadRows, like: HeadRows) -> None:
+    """``z`` has the ``(B, T)`` rows of ``like``."""
+    if z.hidden.shape[:2] != like.hidden.shape[:2]:
+        raise ValueError(f"{name} has {tuple(z.hidden.shape[:2])} rows, expected {tuple(like.hidden.shape[:2])}")
+
+
 def check_chunk_size(chunk_size) -> int | str:
     """A chunk size is a positive integer (rows per chunk) or ``"auto"``."""
     if chunk_size == "auto":
@@ -118,24 +129,28 @@ def check_chunk_size(chunk_size) -> int | str:
     return chunk_size
 
 
-def auto_chunk_rows(n_buffers: int, vocab_size: int, bytes_per_value: int = 4) -> int:
-    """Rows whose ``n_buffers`` full ``rows x vocab_size`` buffers fit in :data:`AUTO_CHUNK_BYTES`,
-    rounded down to a multiple of 16 and kept within ``[16, 4096]``.
+def auto_chunk_rows(n_buffers: int, vocab_size: int, bytes_per_value: int = 4, device_type: str = "cpu") -> int:
+    """Rows whose ``n_buffers`` full ``rows x vocab_size`` buffers fit in :data:`AUTO_CHUNK_BYTES`
+    (:data:`AUTO_CHUNK_BYTES_CUDA` on a GPU), rounded down to a multiple of 16 and kept
+    within ``[16, 4096]``.
 
-    E.g. AlignDistil's kernel (3 fp32 buffers): 224 rows at V=49,152, 64 rows at V=151,936.
+    E.g. AlignDistil's kernel (3 fp32 buffers) on a CPU: 224 rows at V=49,152, 64 rows at
+    V=151,936; on a GPU 576 rows at V=151,936.
     """
-    rows = AUTO_CHUNK_BYTES // max(1, n_buffers * vocab_size * bytes_per_value)
+    budget = AUTO_CHUNK_BYTES_CUDA if device_type == "cuda" else AUTO_CHUNK_BYTES
+    rows = budget // max(1, n_buffers * vocab_size * bytes_per_value)
     rows = rows // AUTO_CHUNK_MULTIPLE * AUTO_CHUNK_MULTIPLE
     return int(min(AUTO_CHUNK_MAX, max(AUTO_CHUNK_MULTIPLE, rows)))
 
 
-def _chunk_rows(chunk_size, kernel: "_Kernel", V: int, n_rows: int, low: bool) -> int:
+def _chunk_rows(chunk_size, kernel: "Kernel", V: int, n_rows: int, low: bool, device_type: str = "cpu") -> int:
     """The rows per chunk actually used (never more than there are rows)."""
     if chunk_size == "auto":
-        chunk_size = auto_chunk_rows(kernel.n_buffers + (1 if low else 0), V)
+        chunk_size = auto_chunk_rows(kernel.n_buffers + (1 if low else 0), V, device_type=device_type)
     return min(chunk_size, max(n_rows, 1))
 
 
+# ----------------------------------------------------------------------------- heads and dtypes
 @functools.lru_cache(maxsize=1)
 def fast_bf16_cpu() -> bool:
     """True if this CPU has native bf16 matmul (AVX512-BF16 or AMX); without it bf16 is far slower than fp32."""
@@ -159,7 +174,30 @@ def _acc_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-class _Head:
+# On CUDA a bf16 x bf16 matmul can write its fp32 accumulator out directly (``out_dtype``).
+# Without it the logits are rounded to bf16 before the softmax, and AlignDistil's teacher
+# ``(1 + alpha) z_dpo - alpha z_rev`` multiplies that error by about ``2 alpha + 1`` (21 at
+# r = 10). benchmarks/gpu_check.py measures both settings against float64.
+FP32_OUT_MATMUL = True
+_FP32_OUT_OK: dict = {}
+
+
+def _fp32_out_mm(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out <- h @ w^T`` computed from half-precision ``h, w`` with an fp32 result, if this
+    device and torch support it (probed once per device type); False otherwise."""
+    dev = h.device.type
+    if dev != "cuda" or _FP32_OUT_OK.get(dev) is False:
+        return False
+    try:
+        torch.mm(h, w.t(), out_dtype=out.dtype, out=out)
+    except (RuntimeError, TypeError):
+        _FP32_OUT_OK[dev] = False
+        return False
+    _FP32_OUT_OK[dev] = True
+    return True
+
+
+class Head:
     """A head prepared for chunked use: weight/bias/rows in the matmul dtype."""
 
     def __init__(self, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -174,6 +212,8 @@ class _Head:
         h = self.rows[sl]
         if self.dtype == out.dtype:
             torch.mm(h, self.weight.t(), out=out)
+        elif FP32_OUT_MATMUL and _fp32_out_mm(h, self.weight, out):
+            pass  # half-precision inputs, fp32 accumulate AND fp32 result: no rounding of the logits
         elif tmp is not None and tmp.dtype == self.dtype:
             torch.mm(h, self.weight.t(), out=tmp[: out.shape[0]])
             out.copy_(tmp[: out.shape[0]])
@@ -184,274 +224,110 @@ class _Head:
         return out
 
 
-# ----------------------------------------------------------------------------- chunk kernels
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` without an ``n x V`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
-
-
-def _log_softmax_(x: torch.Tensor, probs: torch.Tensor | None, tmp: torch.Tensor | None = None) -> None:
-    """In place: ``x <- log_softmax(x)``; ``probs <- softmax(x)`` if given (else ``tmp`` is scratch)."""
-    x.sub_(x.amax(-1, keepdim=True))
-    e = probs if probs is not None else tmp
-    torch.exp(x, out=e)
-    s = e.sum(-1, keepdim=True)
-    if probs is not None:
-        probs.div_(s)
-    x.sub_(s.log_())
-
-
-def _softmax_into(x: torch.Tensor, out: torch.Tensor) -> None:
-    torch.sub(x, x.amax(-1, keepdim=True), out=out)
-    out.exp_()
-    out.div_(out.sum(-1, keepdim=True))
-
-
-class _Work:
+# ----------------------------------------------------------------------------- kernels
+class Work:
     """A chunk's scratch: ``full`` buffers (rows x V, compute dtype), an optional ``small``
     one (a few rows x V) and, for half-precision heads, ``low`` (rows x V, matmul dtype)."""
 
     def __init__(self, full, small=None, low=None):
         self.full, self.small, self.low = full, small, low
 
-    def view(self, n: int) -> "_Work":
-        return _Work([b[:n] for b in self.full], self.small, None if self.low is None else self.low[:n])
+    def view(self, n: int) -> "Work":
+        return Work([b[:n] for b in self.full], self.small, None if self.low is None else self.low[:n])
 
 
-class _Kernel:
-    """One kind of per-row statistic. Subclasses define ``n_buffers`` (full chunk buffers),
-    ``small_rows`` (rows of the small buffer, 0 for none), ``n_grad`` (outputs that carry a
-    gradient; they come first) and ``run``."""
+class Kernel:
+    """One kind of per-row statistic of the policy head against frozen heads.
+
+    Subclasses set ``n_buffers`` (full chunk buffers), ``small_rows`` (rows of the small
+    buffer, 0 for none), ``n_outputs`` (per-row statistics), ``n_grad`` (outputs that carry a
+    gradient; they come first) and define :meth:`run`.
+    """
 
     n_buffers = 1
     small_rows = 0
+    n_outputs = 1
     n_grad = 1
 
-    def run(self, work: _Work, pol: "_Head", frozen, sl: slice, labels, extra, grads, over_alpha=False):
-        """Compute this chunk's statistics. With ``grads`` (per-output upstream gradients for
-        the chunk, or None), also return the logit gradient ``G`` (one of the buffers).
-        ``over_alpha``: the first gradient is to be divided by the chunk's ``alpha_t``."""
+    def run(self, work: Work, pol: Head, frozen, sl: slice, labels, extra: dict, grads, hint: bool = False):
+        """Compute this chunk's statistics; return ``(stats, G)``.
+
+        ``grads``: per-output upstream gradients of the chunk's rows, or None (then ``G`` is
+        None); ``G`` is the logit gradient (one of the buffers). ``hint``: ``grads[0]`` is the
+        caller's ``row_weight``, which stands for the gradient :meth:`assumed_grad` gives.
+        """
         raise NotImplementedError
 
-    def compiled(self) -> "_Kernel":
-        """The variant whose element-wise body runs under ``torch.compile`` (self if none)."""
+    def assumed_grad(self, row_weight: torch.Tensor, stats, extra: dict) -> torch.Tensor:
+        """The upstream gradient of the first output that ``row_weight`` stands for."""
+        return row_weight
+
+    def backward_extra(self, extra: dict, outs) -> dict:
+        """``extra`` for a recomputing backward, given the forward's outputs over all rows."""
+        return extra
+
+    def with_compile(self) -> "Kernel":
+        """The variant whose element-wise chunk body runs under ``torch.compile`` (self if none)."""
         return self
 
 
-class _LabelLogp(_Kernel):
-    """Policy label log-probs; gradient ``g * (onehot(y) - p)``."""
-
-    n_buffers = 1
-    n_grad = 1
-
-    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
-        z = pol.logits_into(work.full[0], sl, work.low)
-        y = labels[sl].unsqueeze(1)
-        z.sub_(z.amax(-1, keepdim=True))
-        picked = z.gather(1, y).squeeze(1)
-        z.exp_()
-        s = z.sum(-1)
-        logp = picked - s.log()
-        if grads is None:
-            return (logp,), None
-        (g,) = grads
-        z.mul_((-g / s).unsqueeze(1))  # -g * p
-        z.scatter_add_(1, y, g.unsqueeze(1))
-        return (logp,), z
-
-
-class _ForwardKL(_Kernel):
-    """TDPO/SparsePO: policy label log-prob, ``KL(p_ref || p_theta)``, reference label log-prob.
-
-    Gradient: ``g_kl * (p - p_ref) + g_lp * (onehot(y) - p)``.
-    """
-
-    n_buffers = 4
-    n_grad = 2  # logp, kl (the reference's logp has none)
-
-    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
-        G, R, PR, P = work.full
-        (ref,) = frozen
-        ref.logits_into(R, sl, work.low)
-        _log_softmax_(R, PR)  # R = log p_ref, PR = p_ref
-        pol.logits_into(G, sl, work.low)
-        _log_softmax_(G, P)  # G = log p, P = p
-        y = labels[sl].unsqueeze(1)
-        logp = G.gather(1, y).squeeze(1)
-        ref_logp = R.gather(1, y).squeeze(1)
-        torch.sub(R, G, out=R)  # log p_ref - log p
-        kl = _rowdot(PR, R)
-        if grads is None:
-            return (logp, kl, ref_logp), None
-        g_lp, g_kl = grads
-        # G <- p * (g_kl - g_lp) - g_kl * p_ref + g_lp * onehot(y)
-        torch.mul(P, (g_kl - g_lp).unsqueeze(1), out=G)
-        PR.mul_(g_kl.unsqueeze(1))
-        G.sub_(PR)
-        G.scatter_add_(1, y, g_lp.unsqueeze(1))
-        return (logp, kl, ref_logp), G
-
-
-class _ReverseKL(_Kernel):
-    """AlignDistil: ``KL(p_theta || softmax(z*))`` with ``z* = z_b + alpha (z_b - z_n)``.
-
-    ``alpha`` is a float, a per-row tensor (``extra["alpha"]``), or computed in the chunk
-    as ``r * TVD(p_b, p_n) + eps`` (``extra["r"]``, ``extra["eps"]``). Outputs ``kl``
-    (with gradient ``g * p * (log p - log q - kl)``), ``alpha`` and ``tvd`` (no gradient;
-    ``tvd`` is NaN where it was not computed). Three full buffers and one small one.
-    """
-
-    n_buffers = 3
-    small_rows = 8  # p_neg is softmaxed a few rows at a time: 8 x V, not another chunk buffer
-    n_grad = 1
-
-    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
-        A, Bn, P = work.full
-        base, neg = frozen
-        n = A.shape[0]
-        base.logits_into(A, sl, work.low)
-        neg.logits_into(Bn, sl, work.low)
-        alpha = extra.get("alpha")
-        if isinstance(alpha, torch.Tensor):
-            alpha = alpha[sl]
-        tvd = None
-        if alpha is None:
-            _softmax_into(A, P)  # p_base; p_neg a few rows at a time in the small buffer
-            k = work.small.shape[0]
-            for r in range(0, n, k):
-                blk = slice(r, min(r + k, n))
-                m = blk.stop - blk.start
-                _softmax_into(Bn[blk], work.small[:m])
-                P[blk].sub_(work.small[:m]).abs_()
-            tvd = P.sum(-1).mul_(0.5)
-            alpha = extra["r"] * tvd + extra["eps"]
-        # Teacher logits z* = z_b + alpha * (z_b - z_n), written into A.
-        torch.sub(A, Bn, out=Bn)
-        if isinstance(alpha, torch.Tensor):
-            Bn.mul_(alpha.unsqueeze(1))
-        else:
-            Bn.mul_(alpha)
-        A.add_(Bn)
-        _log_softmax_(A, None, Bn)  # A = log q
-        pol.logits_into(Bn, sl, work.low)
-        _log_softmax_(Bn, P)  # Bn = log p, P = p
-        torch.sub(Bn, A, out=A)  # log p - log q
-        kl = _rowdot(P, A)
-        alpha_rows = alpha if isinstance(alpha, torch.Tensor) else torch.full((n,), float(alpha), dtype=kl.dtype, device=kl.device)
-        tvd_rows = tvd if tvd is not None else torch.full((n,), float("nan"), dtype=kl.dtype, device=kl.device)
-        if grads is None:
-            return (kl, alpha_rows, tvd_rows), None
-        g = grads[0] / alpha_rows if over_alpha else grads[0]
-        A.sub_(kl.unsqueeze(1)).mul_(P).mul_(g.unsqueeze(1))
-        return (kl, alpha_rows, tvd_rows), A
-
-    def compiled(self):
-        return _ReverseKLCompiled()
-
-
-# ----------------------------------------------------------------------------- torch.compile
 _COMPILED: dict = {}
 
 
-def _compile(fn):
+def compile_once(fn):
     """``torch.compile`` once per function (shapes vary with the last chunk: dynamic)."""
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
 
 
-def _rkl_body(zb, zn, z, alpha, w, out, r: float, eps: float, adaptive: bool, over_alpha: bool):
-    """The element-wise part of :class:`_ReverseKL` as one pure function (for torch.compile)."""
-    if adaptive:
-        tvd = 0.5 * (torch.softmax(zb, -1) - torch.softmax(zn, -1)).abs().sum(-1)
-        alpha = r * tvd + eps
-    else:
-        tvd = torch.full_like(alpha, float("nan"))
-    zt = zb + alpha.unsqueeze(1) * (zb - zn)
-    logq = zt - torch.logsumexp(zt, -1, keepdim=True)
-    logp = z - torch.logsumexp(z, -1, keepdim=True)
-    p = torch.exp(logp)
-    d = logp - logq
-    kl = (p * d).sum(-1)
-    if out is not None:
-        g = w / alpha if over_alpha else w
-        out.copy_(p * (d - kl.unsqueeze(1)) * g.unsqueeze(1))
-    return kl, alpha, tvd
-
-
-class _ReverseKLCompiled(_ReverseKL):
-    """:class:`_ReverseKL` with its element-wise body fused by ``torch.compile``
-    (reads the three logit buffers, writes only the gradient: four full buffers)."""
-
-    n_buffers = 4
-    small_rows = 0
-
-    def run(self, work, pol, frozen, sl, labels, extra, grads, over_alpha=False):
-        A, Bn, Z, Out = work.full
-        base, neg = frozen
-        n = A.shape[0]
-        base.logits_into(A, sl, work.low)
-        neg.logits_into(Bn, sl, work.low)
-        pol.logits_into(Z, sl, work.low)
-        alpha = extra.get("alpha")
-        adaptive = alpha is None
-        if isinstance(alpha, torch.Tensor):
-            alpha = alpha[sl]
-        elif alpha is None:
-            alpha = torch.empty(n, dtype=A.dtype, device=A.device)
-        else:
-            alpha = torch.full((n,), float(alpha), dtype=A.dtype, device=A.device)
-        w = grads[0] if grads is not None else None
-        kl, alpha, tvd = _compile(_rkl_body)(A, Bn, Z, alpha, w, Out if grads is not None else None,
-                                             float(extra.get("r", 0.0)), float(extra.get("eps", 0.0)), adaptive, over_alpha)
-        return (kl, alpha, tvd), (Out if grads is not None else None)
-
-
-def _work(kernel: _Kernel, n: int, V: int, mm_dtypes, device, acc: torch.dtype) -> _Work:
+def _work(kernel: Kernel, n: int, V: int, mm_dtypes, device, acc: torch.dtype) -> Work:
     full = [torch.empty(n, V, dtype=acc, device=device) for _ in range(kernel.n_buffers)]
     small = torch.empty(min(kernel.small_rows, n), V, dtype=acc, device=device) if kernel.small_rows else None
     low = [d for d in mm_dtypes if d != acc]
-    return _Work(full, small, torch.empty(n, V, dtype=low[0], device=device) if low else None)
+    return Work(full, small, torch.empty(n, V, dtype=low[0], device=device) if low else None)
 
 
+def _chunks(kernel: Kernel, pol: Head, frozen, chunk_size):
+    """``(slice, work view)`` per chunk of the policy's rows, over one set of buffers."""
+    N, V = pol.rows.shape[0], pol.weight.shape[0]
+    mm = [pol.dtype] + [f.dtype for f in frozen]
+    c = _chunk_rows(chunk_size, kernel, V, N, any(d != pol.acc for d in mm), pol.rows.device.type)
+    work = _work(kernel, c, V, mm, pol.rows.device, pol.acc)
+    for start in range(0, N, c):
+        sl = slice(start, min(start + c, N))
+        yield sl, work.view(sl.stop - sl.start)
+
+
+# ----------------------------------------------------------------------------- autograd
 def _forward_rows(kernel, pol, frozen, labels, extra, chunk_size, row_weight=None, want=(False, False, False)):
     """Run ``kernel`` over all rows in chunks; with ``row_weight`` also compute the gradients
     for upstream gradient ``row_weight`` (on the first gradient-carrying output)."""
     N = pol.rows.shape[0]
-    V = pol.weight.shape[0]
     device = pol.rows.device
-    mm = [pol.dtype] + [f.dtype for f in frozen]
-    c = _chunk_rows(chunk_size, kernel, V, N, any(d != pol.acc for d in mm))
-    work = _work(kernel, c, V, mm, device, pol.acc)
-    outs = None
+    outs = [torch.empty(0, device=device) for _ in range(kernel.n_outputs)] if N == 0 else None
     grad = _GradAccumulator(pol, want) if row_weight is not None else None
     hint = torch.empty(N, device=device, dtype=pol.acc) if row_weight is not None else None
-    for start in range(0, N, c):
-        sl = slice(start, min(start + c, N))
-        view = work.view(sl.stop - sl.start)
+    for sl, view in _chunks(kernel, pol, frozen, chunk_size):
         grads = None
-        over_alpha = bool(extra.get("hint_over_alpha"))
         if grad is not None:
             w = row_weight[sl]
             grads = (w,) + tuple(torch.zeros_like(w) for _ in range(kernel.n_grad - 1))
-        stats, G = kernel.run(view, pol, frozen, sl, labels, extra, grads, over_alpha)
+        stats, G = kernel.run(view, pol, frozen, sl, labels, extra, grads, hint=grad is not None)
         if grad is not None:  # the gradient the forward assumed, for the backward's check
-            hint[sl] = w / stats[1] if over_alpha else w
+            hint[sl] = kernel.assumed_grad(w, stats, extra)
+            grad.add(G, sl, view.low)
         if outs is None:
             outs = [torch.empty(N, dtype=s.dtype, device=device) for s in stats]
         for o, s in zip(outs, stats):
             o[sl] = s
-        if grad is not None:
-            grad.add(G, sl, view.low)
-    if outs is None:  # no rows
-        outs = [torch.empty(0, device=device) for _ in range(3)]
     return outs, (grad, hint)
 
 
 class _GradAccumulator:
     """Accumulates ``G @ W`` (rows), ``G^T @ h`` and ``G.sum(0)`` over chunks."""
 
-    def __init__(self, pol: _Head, want):
+    def __init__(self, pol: Head, want):
         self.pol = pol
         want_h, want_w, want_b = want
         N, d = pol.rows.shape
@@ -493,14 +369,12 @@ class _FusedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, kernel, frozen, labels, extra, chunk_size, row_weight, want):
-        pol = _Head(hidden, weight, bias)
+        pol = Head(hidden, weight, bias)
         outs, (grad, hint) = _forward_rows(kernel, pol, frozen, labels, extra, chunk_size, row_weight, want)
-        ctx.kernel, ctx.frozen, ctx.extra, ctx.chunk_size, ctx.want = kernel, frozen, extra, chunk_size, want
+        ctx.kernel, ctx.frozen, ctx.chunk_size, ctx.want = kernel, frozen, chunk_size, want
+        ctx.extra = kernel.backward_extra(extra, outs)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.grad = grad
-        # alpha computed in the chunk is saved so that a recomputing backward reuses it exactly.
-        if isinstance(kernel, _ReverseKL) and extra.get("alpha") is None:
-            ctx.extra = {**extra, "alpha": outs[1]}
         ctx.save_for_backward(hidden, weight, bias, labels, hint)
         ctx.mark_non_differentiable(*outs[kernel.n_grad:])
         return tuple(outs)
@@ -522,16 +396,9 @@ class _FusedRows(torch.autograd.Function):
                 return (gh, gw, gb) + nones
         ctx.grad = None
         STATS["recomputed"] += 1
-        pol = _Head(hidden, weight, bias)
-        N = pol.rows.shape[0]
-        V = pol.weight.shape[0]
-        mm = [pol.dtype] + [f.dtype for f in ctx.frozen]
-        c = _chunk_rows(ctx.chunk_size, kernel, V, N, any(d != pol.acc for d in mm))
-        work = _work(kernel, c, V, mm, hidden.device, pol.acc)
+        pol = Head(hidden, weight, bias)
         acc = _GradAccumulator(pol, ctx.want)
-        for start in range(0, N, c):
-            sl = slice(start, min(start + c, N))
-            view = work.view(sl.stop - sl.start)
+        for sl, view in _chunks(kernel, pol, ctx.frozen, ctx.chunk_size):
             _, G = kernel.run(view, pol, ctx.frozen, sl, labels, ctx.extra, tuple(g[sl] for g in gs))
             acc.add(G, sl, view.low)
         gh, gw, gb = acc.scaled(1.0, ctx.dtypes)
@@ -567,25 +434,28 @@ def _scatter(vals: torch.Tensor, idx: torch.Tensor, shape, fill: float = 0.0) ->
     return out.index_copy(0, idx, vals).reshape(shape)
 
 
-def _run(kernel, policy: HeadRows, frozen: Sequence[HeadRows], groups, extra=None, *, chunk_size, row_weight=None,
-         compile: bool = False):
+def run_kernel(kernel: Kernel, policy: HeadRows, frozen: Sequence[HeadRows], groups, extra=None, *, chunk_size,
+               row_weight=None, compile: bool = False):
     """Run ``kernel`` on the masked rows of one or more ``(labels, mask)`` groups at once.
 
     ``policy.hidden`` and every ``frozen[k].hidden`` are lists with one ``(B, T_g, d)``
-    tensor per group. Returns, per group, the kernel's outputs scattered to ``(B, T_g)``.
+    tensor per group (groups of ONE model share its head, so the head-weight gradient is
+    accumulated once). ``extra``: kernel options; a list value holds one ``(B, T_g)`` tensor
+    per group and becomes one tensor over the selected rows. ``row_weight``: one ``(B, T_g)``
+    tensor per group, the forward-gradient shortcut (module docstring). Returns, per group,
+    the kernel's outputs scattered to ``(B, T_g)`` (0 where the mask is 0).
     """
     check_chunk_size(chunk_size)
     if compile:
-        kernel = kernel.compiled()
+        kernel = kernel.with_compile()
     idxs = [_select(m) for _, m in groups]
     h = torch.cat([_rows(x, i) for x, i in zip(policy.hidden, idxs)])
     labels = torch.cat([_rows(lab, i) for (lab, _), i in zip(groups, idxs)])
-    fro = tuple(_Head(torch.cat([_rows(x.detach(), i) for x, i in zip(f.hidden, idxs)]), f.weight.detach(),
-                      None if f.bias is None else f.bias.detach()) for f in frozen)
-    extra = dict(extra or {})
+    fro = tuple(Head(torch.cat([_rows(x.detach(), i) for x, i in zip(f.hidden, idxs)]), f.weight.detach(),
+                     None if f.bias is None else f.bias.detach()) for f in frozen)
     acc = _acc_dtype(policy.weight)
-    if isinstance(extra.get("alpha"), list):
-        extra["alpha"] = torch.cat([_rows(a.detach().to(acc), i) for a, i in zip(extra["alpha"], idxs)])
+    extra = {k: (torch.cat([_rows(a.detach().to(acc), i) for a, i in zip(v, idxs)]) if isinstance(v, list) else v)
+             for k, v in (extra or {}).items()}
     rw = None if row_weight is None else torch.cat([_rows(w.detach().to(acc), i) for w, i in zip(row_weight, idxs)])
     W, b = policy.weight, policy.bias
     grad_on = torch.is_grad_enabled() and (h.requires_grad or W.requires_grad or (b is not None and b.requires_grad))
@@ -594,284 +464,10 @@ def _run(kernel, policy: HeadRows, frozen: Sequence[HeadRows], groups, extra=Non
         outs = _FusedRows.apply(h, W, b, kernel, fro, labels, extra, chunk_size, rw, want)
     else:
         with torch.no_grad():
-            outs, _ = _forward_rows(kernel, _Head(h, W, b), fro, labels, extra, chunk_size)
+            outs, _ = _forward_rows(kernel, Head(h, W, b), fro, labels, extra, chunk_size)
     result, start = [], 0
     for (lab, m), i in zip(groups, idxs):
         n = i.numel()
         result.append([_scatter(o[start:start + n], i, m.shape) for o in outs])
         start += n
     return result
-
-
-def _check_rows(name: str, z: HeadRows, labels: torch.Tensor, mask: torch.Tensor, vocab: int | None = None) -> None:
-    if not isinstance(z, HeadRows):
-        raise ValueError(f"{name} must be HeadRows (final hidden states + LM head) on the fused path")
-    z.check(name)
-    check_mask(f"mask of {name}", mask, z.hidden.shape[:2])
-    if labels.shape != mask.shape:
-        raise ValueError(f"labels of {name} have shape {tuple(labels.shape)}, expected {tuple(mask.shape)}")
-    V = z.weight.shape[0]
-    if vocab is not None and V != vocab:
-        raise ValueError(f"{name} has a vocabulary of {V} but the policy has {vocab}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= V):
-        raise ValueError(f"labels of {name} have ids outside [0, {V})")
-
-
-def _same_rows(name: str, z: HeadRows, like: HeadRows) -> None:
-    if z.hidden.shape[:2] != like.hidden.shape[:2]:
-        raise ValueError(f"{name} has {tuple(z.hidden.shape[:2])} rows, expected {tuple(like.hidden.shape[:2])}")
-
-
-# ----------------------------------------------------------------------------- public functions
-def label_logps(z: HeadRows, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
-                chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False) -> torch.Tensor:
-    """Fused :func:`aligndistil.model.outputs.label_logps`: ``(B, T)`` log-probabilities of ``labels``.
-
-    Only rows where ``mask`` is nonzero are computed (0 elsewhere); without a mask every row is.
-    Differentiable with respect to ``z.hidden``, ``z.weight`` and ``z.bias``.
-    """
-    if mask is None:
-        mask = torch.ones(labels.shape, device=labels.device)
-    _check_rows("z", z, labels, mask)
-    (res,) = _run(_LabelLogp(), HeadRows([z.hidden], z.weight, z.bias), (), [(labels, mask)], chunk_size=chunk_size,
-                  compile=compile)
-    return res[0]
-
-
-def label_logps_group(zs: Sequence[HeadRows], labels: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *,
-                      chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False) -> list[torch.Tensor]:
-    """:func:`label_logps` of several row groups of ONE model (e.g. chosen and rejected) in one
-    pass, so that the head-weight gradient is accumulated once, not once per group."""
-    if not zs:
-        return []
-    for k, (z, y, m) in enumerate(zip(zs, labels, masks)):
-        _check_rows(f"zs[{k}]", z, y, m)
-        if z.weight is not zs[0].weight or z.bias is not zs[0].bias:
-            raise ValueError("label_logps_group: every group must use the same head (the same weight tensor)")
-    res = _run(_LabelLogp(), HeadRows([z.hidden for z in zs], zs[0].weight, zs[0].bias), (),
-               list(zip(labels, masks)), chunk_size=chunk_size, compile=compile)
-    return [r[0] for r in res]
-
-
-def token_level_stats(
-    policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
-    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    *, chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
-):
-    """Fused :func:`aligndistil.losses.tdpo.pair_token_stats`: policy and reference label
-    log-probs and ``KL(p_ref || p_theta)`` per token for both responses, each ``(B, T)``.
-
-    The policy's two heads must be the same weights (one model), as must the reference's.
-    """
-    check_chunk_size(chunk_size)
-    _check_rows("policy_chosen", policy_chosen, chosen_labels, chosen_mask)
-    V = policy_chosen.weight.shape[0]
-    _check_rows("policy_rejected", policy_rejected, rejected_labels, rejected_mask, V)
-    _check_rows("reference_chosen", reference_chosen, chosen_labels, chosen_mask, V)
-    _check_rows("reference_rejected", reference_rejected, rejected_labels, rejected_mask, V)
-    if policy_chosen.hidden.shape[0] != policy_rejected.hidden.shape[0]:
-        raise ValueError("policy_chosen and policy_rejected have different batch sizes")
-    if policy_rejected.weight is not policy_chosen.weight or reference_rejected.weight is not reference_chosen.weight:
-        raise ValueError("chosen and rejected rows must come from the same heads (same weight tensors)")
-    pol = HeadRows([policy_chosen.hidden, policy_rejected.hidden], policy_chosen.weight, policy_chosen.bias)
-    ref = HeadRows([reference_chosen.hidden, reference_rejected.hidden], reference_chosen.weight, reference_chosen.bias)
-    (lc, klc, rc), (lr, klr, rr) = _run(_ForwardKL(), pol, (ref,), [(chosen_labels, chosen_mask), (rejected_labels, rejected_mask)],
-                                        chunk_size=chunk_size, compile=compile)
-    return lc, lr, rc.detach(), rr.detach(), klc, klr
-
-
-def tdpo_loss(
-    policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
-    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    *, variant: int, beta: float = 0.1, alpha: float = 0.5, chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
-):
-    """Fused :func:`aligndistil.losses.tdpo_loss` (same arguments, :class:`HeadRows` for logits)."""
-    if variant not in (1, 2):
-        raise ValueError(f"variant must be 1 or 2 (TDPO1 or TDPO2), got {variant!r}")
-    check_positive("beta", beta)
-    check_nonnegative("alpha", alpha)
-    stats = token_level_stats(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                              chosen_labels, rejected_labels, chosen_mask, rejected_mask, chunk_size=chunk_size,
-                              compile=compile)
-    return token_level_dpo_from_stats(*stats, chosen_mask, rejected_mask, beta=beta,
-                                      alpha=1.0 if variant == 1 else alpha, stop_grad_chosen_kl=(variant == 2))
-
-
-def sparsepo_loss(
-    policy_chosen: HeadRows, policy_rejected: HeadRows, reference_chosen: HeadRows, reference_rejected: HeadRows,
-    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-    chosen_reward_mask: torch.Tensor, rejected_reward_mask: torch.Tensor,
-    chosen_kl_mask: torch.Tensor, rejected_kl_mask: torch.Tensor,
-    *, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0, chunk_size: int | str = DEFAULT_CHUNK_SIZE,
-    compile: bool = False,
-):
-    """Fused :func:`aligndistil.losses.sparsepo_loss` (same arguments, :class:`HeadRows` for logits)."""
-    check_positive("beta", beta)
-    check_nonnegative("lambda_u", lambda_u)
-    check_nonnegative("lambda_d", lambda_d)
-    for name, m, ref in (("chosen_reward_mask", chosen_reward_mask, chosen_mask),
-                         ("rejected_reward_mask", rejected_reward_mask, rejected_mask),
-                         ("chosen_kl_mask", chosen_kl_mask, chosen_mask),
-                         ("rejected_kl_mask", rejected_kl_mask, rejected_mask)):
-        if m.shape != ref.shape:
-            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
-        if not torch.isfinite(m.detach()).all() or bool((m.detach() < 0).any()):
-            raise ValueError(f"{name} must be finite and >= 0")
-    stats = token_level_stats(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                              chosen_labels, rejected_labels, chosen_mask, rejected_mask, chunk_size=chunk_size,
-                              compile=compile)
-    return sparsepo_loss_from_stats(*stats, chosen_mask, rejected_mask, chosen_reward_mask, rejected_reward_mask,
-                                    chosen_kl_mask, rejected_kl_mask, beta=beta, lambda_u=lambda_u, lambda_d=lambda_d)
-
-
-def aligndistil_token_stats(
-    policy: HeadRows, base: HeadRows, negative: HeadRows, labels: torch.Tensor, mask: torch.Tensor, *,
-    alpha: float | torch.Tensor | None = None, r: float | None = None, eps: float = 1e-3,
-    row_weight: torch.Tensor | None = None, row_weight_over_alpha: bool = False,
-    chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
-):
-    """Per-token ``KL(pi_theta || softmax(z*))`` with ``z* = z_base + alpha (z_base - z_neg)``.
-
-    Args:
-        policy, base, negative: :class:`HeadRows` of the policy, the DPO model and the
-            negative model (reverse DPO, or the reference for the vanilla teacher).
-        labels, mask: ``(B, T)`` (labels are only range-checked: the loss needs no label).
-        alpha: a float, a ``(B, T)`` tensor ``alpha_t``, or None for the adaptive teacher,
-            computed in each chunk as ``r * TVD(pi_dpo, pi_neg) + eps``.
-        row_weight: ``(B, T)`` the gradient each token's KL is expected to receive, up to
-            one constant factor (``beta_t * mask / |y|`` for AlignDistil); lets the forward
-            compute the gradients at once (see the module docstring). Optional.
-        row_weight_over_alpha: the expected gradient is ``row_weight / alpha_t`` (the
-            adaptive teacher's ``beta_t = beta0 / alpha_t``, known only inside the chunk).
-
-    Returns:
-        ``kl (B, T)`` (differentiable), ``alpha (B, T)`` and ``tvd (B, T)`` (detached; tvd
-        only for the adaptive teacher, else None). Padding rows hold 0 (alpha: 1).
-    """
-    check_chunk_size(chunk_size)
-    _check_rows("policy", policy, labels, mask)
-    V = policy.weight.shape[0]
-    for name, z in (("base", base), ("negative", negative)):
-        z.check(name)
-        _same_rows(name, z, policy)
-        if z.weight.shape[0] != V:
-            raise ValueError(f"{name} has a vocabulary of {z.weight.shape[0]} but the policy has {V}")
-    extra: dict = {}
-    if alpha is None:
-        if r is None:
-            raise ValueError("pass alpha, or r (and eps) for the adaptive teacher")
-        check_nonnegative("r", r)
-        check_positive("eps", eps)
-        extra.update(r=float(r), eps=float(eps))
-    elif isinstance(alpha, torch.Tensor) and alpha.dim() > 0:
-        if alpha.shape != mask.shape:
-            raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected {tuple(mask.shape)} or a scalar")
-        if not torch.isfinite(alpha).all():
-            raise ValueError("alpha must be finite")
-        extra["alpha"] = [alpha]
-    else:
-        a = float(alpha)
-        if a != a or a in (float("inf"), float("-inf")):
-            raise ValueError(f"alpha must be finite, got {alpha!r}")
-        extra["alpha"] = a
-    if row_weight_over_alpha:
-        extra["hint_over_alpha"] = True
-    pol = HeadRows([policy.hidden], policy.weight, policy.bias)
-    fro = (HeadRows([base.hidden], base.weight, base.bias), HeadRows([negative.hidden], negative.weight, negative.bias))
-    (res,) = _run(_ReverseKL(), pol, fro, [(labels, mask)], extra, chunk_size=chunk_size,
-                  row_weight=None if row_weight is None else [row_weight], compile=compile)
-    kl, a, tvd = res
-    a = torch.where(mask > 0, a, torch.ones_like(a))
-    return kl, a.detach(), (tvd.detach() if alpha is None else None)
-
-
-def aligndistil_loss(
-    policy: HeadRows, base: HeadRows, negative: HeadRows, labels: torch.Tensor, mask: torch.Tensor, *,
-    alpha: float | torch.Tensor | None = None, r: float | None = None, eps: float = 1e-3,
-    beta0: float = 0.1, weighting: str = "beta_t", beta: float | None = None,
-    tvd: torch.Tensor | None = None, chunk_size: int | str = DEFAULT_CHUNK_SIZE, compile: bool = False,
-):
-    """Fused AlignDistil loss (Eq. 18/19), the composite teacher built inside each chunk.
-
-    Equals the plain composition: ``alpha_t = adaptive_alpha(z_base, z_neg, r=r, eps=eps)``
-    when ``alpha`` is None, ``z* = aligndistil_teacher_logits(z_base, z_neg, alpha)``, then
-    :func:`aligndistil.losses.aligndistil_loss` with that ``alpha`` (or with ``beta``, the
-    vanilla teacher's constant weight, in which case ``alpha`` must be given).
-
-    ``tvd``: ``(B, T)`` precomputed ``TVD(pi_dpo, pi_neg)`` (the teacher cache's); with
-    ``alpha`` None, ``alpha_t = r * tvd + eps`` instead of computing the TVD in the chunks.
-
-    Returns ``(losses (B,), metrics)`` as the plain loss; the adaptive teacher adds ``tvd/mean``.
-    """
-    from aligndistil.losses.aligndistil import WEIGHTINGS
-
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    check_positive("beta0", beta0)
-    if beta is not None:
-        check_positive("beta", beta)
-        if alpha is None:
-            raise ValueError("the vanilla teacher (beta given) needs its alpha = beta0/beta - 1")
-    lengths = mask.sum(-1, keepdim=True)
-    given_tvd = tvd
-    if alpha is None and tvd is not None:
-        check_nonnegative("r", r)
-        check_positive("eps", eps)
-        if tvd.shape != mask.shape:
-            raise ValueError(f"tvd has shape {tuple(tvd.shape)}, expected {tuple(mask.shape)}")
-        alpha = r * tvd.detach().to(mask.dtype) + eps
-    adaptive_weights = alpha is None and weighting == "beta_t"
-    if adaptive_weights:
-        # beta_t = beta0 / alpha_t: alpha_t is computed in the chunk, the row weight follows it.
-        row_weight = beta0 * mask / lengths
-    else:
-        known = token_weights(alpha if alpha is not None else 1.0, beta0, weighting, mask, beta=beta)
-        row_weight = known * mask / lengths
-    kl, a, tvd = aligndistil_token_stats(policy, base, negative, labels, mask, alpha=alpha, r=r, eps=eps,
-                                         row_weight=row_weight, row_weight_over_alpha=adaptive_weights,
-                                         chunk_size=chunk_size, compile=compile)
-    if alpha is None:
-        alpha = a
-    if given_tvd is not None:
-        tvd = given_tvd
-    weights = token_weights(alpha, beta0, weighting, mask, beta=beta)
-    report_alpha = beta0 / beta if beta is not None else alpha
-    losses, metrics = aligndistil_loss_from_token_kl(kl, mask, weights, report_alpha)
-    if tvd is not None:
-        metrics["tvd/mean"] = (tvd * mask).sum(-1) / mask.sum(-1)
-    return losses, metrics
-
-
-@torch.no_grad()
-def teacher_tvd(base: HeadRows, negative: HeadRows, mask: torch.Tensor, *,
-                chunk_size: int | str = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """``TVD(softmax(z_base), softmax(z_neg)) = 1/2 sum_v |p_b - p_n|`` per token, ``(B, T)``.
-
-    Chunked over the rows where ``mask`` is nonzero (0 elsewhere), never ``B x T x V``;
-    what the teacher cache stores so that ``alpha_t = r * TVD + eps`` needs no teacher.
-    """
-    check_chunk_size(chunk_size)
-    for name, z in (("base", base), ("negative", negative)):
-        z.check(name)
-    _same_rows("negative", negative, base)
-    if base.weight.shape[0] != negative.weight.shape[0]:
-        raise ValueError("base and negative heads have different vocabularies")
-    check_mask("mask", mask, base.hidden.shape[:2])
-    idx = _select(mask)
-    b = _Head(_rows(base.hidden, idx), base.weight, base.bias)
-    n = _Head(_rows(negative.hidden, idx), negative.weight, negative.bias)
-    N, V = b.rows.shape[0], b.weight.shape[0]
-    out = torch.empty(N, dtype=b.acc, device=b.rows.device)
-    c = min(auto_chunk_rows(2, V) if chunk_size == "auto" else chunk_size, max(N, 1))
-    A = torch.empty(c, V, dtype=b.acc, device=b.rows.device)
-    P = torch.empty_like(A)
-    for start in range(0, N, c):
-        sl = slice(start, min(start + c, N))
-        k = sl.stop - sl.start
-        b.logits_into(A[:k], sl, None)
-        _softmax_into(A[:k], P[:k])
-        n.logits_into(A[:k], sl, None)
-        _softmax_into(A[:k], A[:k])
-        P[:k].sub_(A[:k]).abs_()
-        out[sl] = P[:k].sum(-1).mul_(0.5)
-    return _scatter(out, idx, mask.shape)

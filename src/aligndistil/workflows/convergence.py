@@ -1,0 +1,297 @@
+"""AlignDistil's convergence study (Sec. 6.5, Fig. 2, App. E) on the built-in sentiment task.
+
+The claim: token-level distributional optimisation (on-policy AlignDistil) converges faster
+than token-level scalar optimisation (token-level REINFORCE, Eq. 43), which beats
+sentence-level optimisation (sentence-level REINFORCE, Eq. 42). All three maximise the same
+contrastive reward ``r_ctr(x, y) = beta0 log pi_dpo(y|x)/pi_rev(y|x)`` under a KL of weight
+``beta`` to ``pi_dpo``; AlignDistil with the static ``alpha = beta0 / beta`` (the contrastive
+teacher, Eq. 15, through ``method.teacher=constant``) distils its optimal policy in closed
+form. The study trains the three from the same initial model, on the same prompts, with the
+same batch, learning rate, number of steps and seeds, and compares the token-averaged
+contrastive reward ``r_ctr / |y|`` of each step's own samples (Fig. 2's y-axis) and the
+ground-truth VADER reward of the same samples.
+
+:func:`run_convergence`:
+
+1. the teachers: the quickstart's DPO and reverse-DPO models (``<quickstart output>/dpo``
+   and ``reverse_dpo``) when both are finished runs, else trained exactly as the quickstart
+   trains them (its pairs and its two stages, into the quickstart's folder, so a later
+   quickstart reuses them);
+2. the prompts: the first ``max_prompts`` of the prompt set, as chat messages (the
+   quickstart's pairs render prompts with the chat template too);
+3. ``3 methods x seeds`` runs of the one trainer under ``<out>/runs/<method>-seed<k>``; a
+   finished run (``COMPLETE.json`` of the same config) is skipped, an interrupted one resumed;
+4. ``results.json``, ``results.md`` (the table), ``convergence.png`` (Fig. 2 style: mean over
+   seeds, a band from the lowest to the highest seed) and ``vader.png``.
+
+The table's "steps to reach" uses curves smoothed by a trailing mean over ``smooth`` steps:
+a method reaches token-REINFORCE's final value (its smoothed value at the last step) at the
+first step where its own smoothed seed-mean is at least that; "x faster" is token-REINFORCE's
+step count over the method's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aligndistil.fileio import atomic_write_text
+
+__all__ = ["METHODS", "StudySettings", "TINY", "run_convergence", "summarise"]
+
+#: name -> (label, method overrides); the study's reward metric and its ground truth.
+METHODS = {
+    "aligndistil": ("On-policy AlignDistil (static alpha)", {"name": "aligndistil", "mode": "on_policy",
+                                                             "teacher": "constant"}),
+    "reinforce_token": ("Token-level REINFORCE (Eq. 43)", {"name": "reinforce", "level": "token"}),
+    "reinforce_sequence": ("Sentence-level REINFORCE (Eq. 42)", {"name": "reinforce", "level": "sequence"}),
+}
+REFERENCE = "reinforce_token"
+METRIC, VADER = "reward/contrastive_per_token", "rollout/reward"
+
+
+@dataclass
+class StudySettings:
+    """What the study trains; every run shares all of it but the method and the seed."""
+
+    out_dir: str = "outputs/convergence"
+    quickstart_config: str | None = None  # default: configs/pipelines/quickstart.yaml
+    policy: str | None = None  # default: the quickstart's base.model.policy
+    dpo_model: str | None = None  # default: the quickstart's, reused or trained
+    reverse_dpo_model: str | None = None
+    prompts: str = "sentiment:train"
+    max_prompts: int = 120  # steps x batch_size: every prompt is sampled once
+    seeds: tuple = (0, 1)
+    steps: int = 30  # ~10.5 s a step for SmolLM2-135M on 2 CPU cores: 6 runs in ~32 min
+    batch_size: int = 4
+    learning_rate: float = 2e-5
+    max_new_tokens: int = 24
+    max_length: int = 128
+    max_prompt_length: int = 64
+    temperature: float = 1.0
+    beta: float = 0.08
+    beta0: float = 0.1
+    reward: str = "vader"
+    smooth: int = 5
+    tiny: bool = False
+    extra: list = field(default_factory=list)  # section.key=value for every run
+
+
+#: The test-sized study (``StudySettings(**TINY)``, ``--tiny``): the tiny random model, its synthetic
+#: pairs and DPO / reverse-DPO teachers trained on them for 4 steps; seconds, machinery only.
+TINY = dict(max_prompts=32, steps=6, batch_size=4, learning_rate=1e-3, max_new_tokens=8, max_length=64,
+            max_prompt_length=48, smooth=2, tiny=True)
+
+
+def _tiny_inputs(s: StudySettings, log) -> tuple[str, str, str, Path]:
+    """The tiny workspace and DPO / reverse-DPO teachers trained on its pairs (4 steps each)."""
+    from aligndistil.model.tiny import make_tiny_workspace
+    from aligndistil.workflows.pipeline import run_pipeline
+
+    root = Path(s.out_dir) / "tiny"
+    if not (root / "model" / "config.json").is_file():
+        make_tiny_workspace(root)
+    pipe = {"output_dir": str(root), "stages": [
+        {"name": "dpo", "overrides": {"method": {"name": "dpo", "beta": s.beta0}}},
+        {"name": "reverse_dpo", "overrides": {"method": {"name": "dpo", "beta": s.beta0, "reverse": True}}}],
+        "base": {"model": {"policy": str(root / "model")},
+                 "data": {"train_file": str(root / "prefs.jsonl"), "max_length": 64, "max_prompt_length": 32},
+                 "train": {"learning_rate": 1e-3, "warmup_ratio": 0.0, "per_device_batch_size": 4, "max_steps": 4,
+                           "progress_bar": False}}}
+    import yaml
+
+    path = atomic_write_text(root / "teachers.yaml", yaml.safe_dump(pipe, sort_keys=False))
+    dpo, rev = run_pipeline(path, log=log)
+    return str(root / "model"), str(dpo), str(rev), root / "prefs.jsonl"
+
+
+def _teachers(s: StudySettings, progress: bool, log) -> tuple[str, str, str]:
+    """``(policy, dpo, reverse_dpo)``: given, the quickstart's finished ones, or trained as it trains them."""
+    from aligndistil.train.checkpoints import is_complete
+    from aligndistil.workflows.pipeline import run_pipeline
+    from aligndistil.workflows.quickstart import _prefs, default_config, load_quickstart, write_pipeline
+
+    spec, _ = load_quickstart(s.quickstart_config or default_config())
+    policy = s.policy or spec["base"]["model"]["policy"]
+    if s.dpo_model and s.reverse_dpo_model:
+        return policy, s.dpo_model, s.reverse_dpo_model
+    qs = Path(spec.get("output_dir") or "outputs/quickstart")
+    if is_complete(qs / "dpo") and is_complete(qs / "reverse_dpo"):
+        log(f"[study] reusing the quickstart's teachers: {qs / 'dpo'}, {qs / 'reverse_dpo'}")
+        return policy, str(qs / "dpo"), str(qs / "reverse_dpo")
+    stages = {st.get("name"): st for st in spec["stages"]}
+    if not {"dpo", "reverse_dpo"} <= set(stages):
+        raise ValueError(f"{spec['_source']} has no dpo and reverse_dpo stages to train the teachers with")
+    log(f"[study] training the teachers as the quickstart does, into {qs}")
+    spec["stages"] = [stages["dpo"], stages["reverse_dpo"]]
+    pairs = _prefs(spec, "prefs", qs, policy, progress, log)
+    pipe = write_pipeline(spec, pairs, Path(s.out_dir) / "teachers_pipeline.yaml")
+    dpo, rev = run_pipeline(pipe, [] if progress else ["train.progress_bar=false"], log=log)
+    return policy, str(dpo), str(rev)
+
+
+def _prompt_file(s: StudySettings, source: Path | None) -> Path:
+    """The study's prompts as ``{"prompt": [user message]}`` JSONL (the runs' train_file)."""
+    if source is not None:  # tiny: the prompts of the synthetic pairs
+        prompts = list(dict.fromkeys(json.loads(x)["prompt"] for x in source.read_text().splitlines() if x.strip()))
+    else:
+        from aligndistil.data.prompt_sets import load_prompts
+
+        prompts = load_prompts(s.prompts)
+    prompts = prompts[: s.max_prompts]
+    if len(prompts) < s.batch_size:
+        raise ValueError(f"{s.prompts}: {len(prompts)} prompts are fewer than one batch of {s.batch_size}")
+    lines = [json.dumps({"prompt": [{"role": "user", "content": p}]}) for p in prompts]
+    return atomic_write_text(Path(s.out_dir) / "prompts.jsonl", "\n".join(lines) + "\n")
+
+
+def run_config(s: StudySettings, method: str, seed: int, policy: str, dpo: str, rev: str, prompts: Path,
+               progress: bool = False):
+    """The RunConfig of one run: ``method`` (a :data:`METHODS` key) with ``seed``."""
+    from aligndistil.config import RunConfig, apply_overrides
+
+    _, m = METHODS[method]
+    method_opts = {**m, "beta": s.beta, "beta0": s.beta0, "max_new_tokens": s.max_new_tokens,
+                   "temperature": s.temperature, "top_p": 1.0, "num_samples": 1, "log_reward": s.reward}
+    if method == "aligndistil":
+        method_opts["alpha"] = s.beta0 / s.beta  # the contrastive teacher: beta_t = beta0 / alpha = beta
+    opts = [f"model.policy={policy}", f"model.dpo_model={dpo}", f"model.reverse_dpo_model={rev}",
+            f"data.train_file={prompts}", f"data.max_length={s.max_length}",
+            f"data.max_prompt_length={s.max_prompt_length}",
+            f"train.output_dir={Path(s.out_dir) / 'runs' / f'{method}-seed{seed}'}", f"train.seed={seed}",
+            f"train.learning_rate={s.learning_rate}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
+            f"train.per_device_batch_size={s.batch_size}", f"train.max_steps={s.steps}", "train.logging_steps=1",
+            f"train.progress_bar={str(progress).lower()}",
+            *[f"method.{k}={v}" for k, v in method_opts.items()], *s.extra]
+    return apply_overrides(RunConfig(), opts).validate()
+
+
+def _train(cfg, log) -> Path:
+    from aligndistil.train.checkpoints import is_complete, numbered_checkpoints
+    from aligndistil.train.loop import train
+
+    out = Path(cfg.train.output_dir)
+    if is_complete(out, cfg.fingerprint()):
+        log(f"[study] {out.name}: complete, skipped")
+        return out
+    resume = out.is_dir() and bool(numbered_checkpoints(out))
+    log(f"[study] {out.name}: {'resuming' if resume else 'training'} {cfg.train.max_steps} steps")
+    return train(cfg, resume=resume)
+
+
+# ----------------------------------------------------------------------------- analysis
+def _smoothed(values: list[float], w: int) -> list[float]:
+    return [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+
+
+def _curves(runs: dict[str, list[Path]], key: str) -> dict[str, list[list[float]]]:
+    """method -> one list of per-step values per seed (steps in order)."""
+    from aligndistil.workflows.plots import read_metrics
+
+    out = {}
+    for method, folders in runs.items():
+        per_seed = []
+        for f in folders:
+            recs = sorted(read_metrics(Path(f) / "metrics.jsonl"), key=lambda r: r["step"])
+            per_seed.append([float(r[key]) for r in recs if key in r])
+        out[method] = per_seed
+    return out
+
+
+def summarise(runs: dict[str, list[Path]], smooth: int) -> dict:
+    """The table: final values and steps to reach token-REINFORCE's final token-averaged reward."""
+    ctr, vader = _curves(runs, METRIC), _curves(runs, VADER)
+    table = {}
+    for method, per_seed in ctr.items():
+        n = min(len(c) for c in per_seed)
+        mean = [sum(c[i] for c in per_seed) / len(per_seed) for i in range(n)]
+        v = [c for c in vader.get(method, []) if c]
+        smoothed = _smoothed(mean, smooth)
+        table[method] = {"label": METHODS[method][0], "steps": n, "mean_curve": mean, "smoothed_curve": smoothed,
+                         "final": smoothed[-1], "final_per_seed": [_smoothed(c[:n], smooth)[-1] for c in per_seed],
+                         "final_vader": (sum(_smoothed(c, smooth)[-1] for c in v) / len(v)) if v else None}
+    target = table[REFERENCE]["final"]
+    for row in table.values():
+        reached = next((i + 1 for i, x in enumerate(row["smoothed_curve"]) if x >= target), None)
+        row["steps_to_target"] = reached
+    ref_steps = table[REFERENCE]["steps_to_target"]
+    for row in table.values():
+        row["x_faster"] = (ref_steps / row["steps_to_target"]) if row["steps_to_target"] else None
+    return {"target": target, "reference": REFERENCE, "smooth": smooth, "methods": table}
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"Target: token-REINFORCE's final token-averaged contrastive reward {summary['target']:+.4f} "
+             f"(curves smoothed over {summary['smooth']} steps).", "",
+             "| method | final r_ctr / len(y) (per seed) | final VADER | steps to reach target | x faster than token REINFORCE |",
+             "|---|---|---|---|---|"]
+    for row in summary["methods"].values():
+        seeds = ", ".join(f"{x:+.4f}" for x in row["final_per_seed"])
+        vader = "-" if row["final_vader"] is None else f"{row['final_vader']:+.3f}"
+        reach = f"{row['steps_to_target']}" if row["steps_to_target"] else f"not within {row['steps']}"
+        fast = f"{row['x_faster']:.2f}" if row["x_faster"] else f"< {summary['methods'][REFERENCE]['steps_to_target'] / row['steps']:.2f}"
+        lines.append(f"| {row['label']} | {row['final']:+.4f} ({seeds}) | {vader} | {reach} | {fast} |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: dict[str, list[Path]], key: str, ylabel: str, path: Path, title: str) -> Path:
+    """Mean over seeds per step, a band from the lowest to the highest seed (AlignDistil Fig. 2's style)."""
+    from aligndistil.workflows.plots import _atomic_savefig, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for j, (method, per_seed) in enumerate(_curves(runs, key).items()):
+        per_seed = [c for c in per_seed if c]
+        if not per_seed:
+            continue
+        n = min(len(c) for c in per_seed)
+        steps = list(range(1, n + 1))
+        cols = [[c[i] for c in per_seed] for i in range(n)]
+        ax.plot(steps, [sum(c) / len(c) for c in cols], color=f"C{j}", label=METHODS[method][0])
+        ax.fill_between(steps, [min(c) for c in cols], [max(c) for c in cols], color=f"C{j}", alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        return _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def run_convergence(settings: StudySettings | None = None, *, progress: bool = True, log=print) -> dict:
+    """Run (or finish) the study and write its table and plots; returns the summary."""
+    s = settings or StudySettings()
+    if len(s.seeds) < 1 or s.steps < 1:
+        raise ValueError("the study needs at least one seed and one step")
+    started = time.time()
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if s.tiny:
+        policy, dpo, rev, pairs = _tiny_inputs(s, log)
+    else:
+        (policy, dpo, rev), pairs = _teachers(s, progress, log), None
+    prompts = _prompt_file(s, pairs)
+    runs: dict[str, list[Path]] = {}
+    for method in METHODS:
+        for seed in s.seeds:
+            runs.setdefault(method, []).append(_train(run_config(s, method, seed, policy, dpo, rev, prompts, progress),
+                                                      log))
+    summary = summarise(runs, s.smooth)
+    plot_curves(runs, METRIC, "token-averaged contrastive reward r_ctr(x,y)/|y|", out / "convergence.png",
+                f"Convergence (beta = {s.beta}; {len(s.seeds)} seeds, band = min-max)")
+    plot_curves(runs, VADER, f"{s.reward} reward of the step's samples", out / "vader.png",
+                f"Ground-truth reward ({len(s.seeds)} seeds, band = min-max)")
+    summary.update(settings={**asdict(s), "seeds": list(s.seeds)}, teachers={"policy": policy, "dpo": dpo,
+                   "reverse_dpo": rev}, runs={m: [str(f) for f in fs] for m, fs in runs.items()},
+                   seconds=round(time.time() - started, 1))
+    table = format_table(summary)
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "results.md", "# Convergence study (AlignDistil Fig. 2)\n\n" + table + "\n\n"
+                      "![token-averaged contrastive reward](convergence.png)\n\n![VADER](vader.png)\n")
+    log(table)
+    log(f"[study] done in {summary['seconds']:.0f} s -> {out / 'results.md'}")
+    return summary
