@@ -166,15 +166,6 @@ def encode_prompts(tokenizer, prompts: list[str], use_chat_template: bool = True
     return ids
 
 
-def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask)`` padded on the LEFT: :func:`aligndistil.data.collate.pad_with_mask`.
-
-    Kept only because ``aligndistil.workflows.judge`` (owned apart) still imports this name;
-    new code calls ``pad_with_mask(seqs, pad, side="left")`` directly.
-    """
-    return pad_with_mask(seqs, pad_token_id, side="left")
-
-
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     """The ids that end a response: the model's generation-config EOS ids, plus the
     tokenizer's EOS when the config lacks it (chat models often stop on a turn-end token

@@ -191,31 +191,22 @@ class _Store:
             os.fsync(f.fileno())
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [int(eos)])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def _local_batch(model, tok, convs: list[list[dict]], seeds: list[int], s: AnswerSettings) -> list[dict]:
-    from aligndistil.model.sampling import encode_prompts, left_pad, sample_with_logprobs
+    from aligndistil.data.collate import pad_with_mask
+    from aligndistil.model.sampling import decode_sample, encode_prompts, sample_with_logprobs, stop_token_ids
 
     prompts = convs if s.use_chat_template else [_plain(c) for c in convs]
     enc = encode_prompts(tok, prompts, s.use_chat_template)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, att = left_pad(enc, pad)
+    ids, att = pad_with_mask(enc, pad, side="left")
     device = next(model.parameters()).device
     out = sample_with_logprobs(model, ids.to(device), att.to(device), max_new_tokens=s.max_new_tokens, seeds=seeds,
-                               temperature=s.temperature, top_p=s.top_p, eos_token_ids=_eos_ids(model, tok),
+                               temperature=s.temperature, top_p=s.top_p, eos_token_ids=stop_token_ids(model, tok),
                                pad_token_id=pad)
     res = []
     for b in range(len(convs)):
-        n, ended = int(out["mask"][b].sum()), bool(out["ended"][b])
-        body = out["tokens"][b, : n - 1 if ended else n].tolist()  # the EOS itself is not text
-        res.append({"answer": tok.decode(body, skip_special_tokens=True).strip(), "n_tokens": len(body),
-                    "ended": ended})
+        d = decode_sample(tok, out, b)
+        res.append({"answer": d["response"], "n_tokens": d["n_tokens"], "ended": d["ended"]})
     return res
 
 
