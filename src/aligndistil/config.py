@@ -59,6 +59,8 @@ def _one_of(*names: str) -> Check:
 
 #: ``model.dtype`` values: the dtypes a checkpoint is loaded in (torch attribute names).
 DTYPES = ("float32", "bfloat16", "float16")
+#: ``train.report_to`` values (none, jsonl: metrics.jsonl only, which is always written).
+LOGGERS = ("none", "jsonl", "tensorboard", "wandb")
 
 
 def _f(default, help: str, check: Check | None = None, **kw):
@@ -68,6 +70,16 @@ def _f(default, help: str, check: Check | None = None, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the policy: only they train, the base stays frozen (docs/lora-vllm.md)."""
+
+    r: int = _f(16, "Rank of each adapter's update B @ A.", _ge(1))
+    alpha: float = _f(32.0, "Scale: the update is (alpha / r) * B @ A.", _gt(0))
+    dropout: float = _f(0.0, "Dropout on the adapters' input while training.", Check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    target_modules: list = _f(["all-linear"], "Linear modules that get adapters, by name (q_proj, v_proj ...), or [all-linear] (every linear layer but the output head). A name the model lacks is an error listing the names it has.", Check(lambda v: len(v) > 0 and all(isinstance(x, str) and x for x in v), "a non-empty list of module names"))
 
 
 @dataclass
@@ -81,18 +93,23 @@ class ModelConfig:
     tokenizer: Optional[str] = _f(None, "Tokenizer to use; defaults to the policy's.")
     dtype: str = _f("float32", "Dtype of the frozen models (reference, teachers) and of the policy's forward under autocast: float32 (use on CPU), bfloat16 or float16. The trained policy itself always holds float32 master weights.", _one_of(*DTYPES))
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint (off unless you trust it).")
+    lora: Optional[LoraConfig] = _f(None, "Train LoRA adapters instead of every weight: {r, alpha, dropout, target_modules} (model.lora.r=8 on the command line; model.lora=true for the defaults). The reference is the base with the adapter disabled; adapter teachers on the same base share it. null: full fine-tuning.")
 
 
 @dataclass
 class DataConfig:
     """Training data and tokenisation."""
 
-    train_file: str = _f("", "JSONL file or `datasets` folder saved with save_to_disk.")
-    split: str = _f("train", "Split to use when `train_file` is a DatasetDict folder.")
+    train_file: str = _f("", "JSONL file, `datasets` folder saved with save_to_disk, local folder of data files, or hub:ORG/NAME (a dataset id, read with datasets.load_dataset).")
+    dataset_config: Optional[str] = _f(None, "Configuration name of a hub:ORG/NAME dataset or data folder (datasets.load_dataset's name; TRL's dataset_config); null: the default.")
+    split: str = _f("train", "Split to use (a DatasetDict folder, a data folder or a hub dataset; TRL's dataset_train_split).")
     max_length: int = _f(512, "Maximum prompt+response tokens; longer responses are cut.", _ge(2))
     max_prompt_length: int = _f(256, "Maximum prompt tokens; longer prompts keep their END.", _ge(1))
-    use_chat_template: Optional[bool] = _f(None, "Wrap string prompts with the tokenizer's chat template (None: only for message lists).")
+    use_chat_template: Optional[bool] = _f(None, "Render prompts with the tokenizer's chat template, a string prompt as one user message: null (auto) when the tokenizer has one, true always, false never. `eval` follows the same rule; long chat prompts are cut inside the last user message, keeping the template's framing.")
     max_examples: Optional[int] = _f(None, "Use only the first N usable examples (quick runs); null: all.", _ge(1))
+    eval_file: Optional[str] = _f(None, "Held-out data scored during training (train.eval_steps, and after the last step): same formats as train_file, read with the same dataset_config, max_length and chat-template rule; null: none. Not with eval_split_ratio.")
+    eval_split: str = _f("test", "Split of eval_file when it is a DatasetDict folder, a data folder or a hub dataset (TRL's dataset_test_split).")
+    eval_split_ratio: float = _f(0.0, "Hold out this fraction of the usable training examples as the eval set: ceil(ratio x N) of them, chosen by train.seed (applied before max_examples); 0: none.", Check(lambda v: 0 <= v < 1, "in [0, 1)"))
 
 
 @dataclass
@@ -114,9 +131,14 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", _ge(0))
     logging_steps: int = _f(1, "Write metrics every N optimizer steps.", _ge(1))
     save_steps: int = _f(0, "Checkpoint every N optimizer steps (0: only the final model).", _ge(0))
+    save_strategy: str = _f("steps", "When to write checkpoint-N folders: steps (every save_steps), epoch (at the end of every epoch), no (never). The final model is always written.", _one_of("steps", "epoch", "no"))
+    eval_steps: int = _f(0, "With an eval set (data.eval_file or data.eval_split_ratio): evaluate every N optimizer steps; 0: only after the last step, which is always evaluated.", _ge(0))
     save_total_limit: int = _f(2, "Keep only the last K checkpoints of this run (other runs' checkpoints are never deleted).", _ge(1))
     overwrite_output_dir: bool = _f(False, "Let a fresh run write into an output_dir that holds another run or other files (what is there may be overwritten); `train --overwrite` sets it too.")
-    report_to: list = _f([], "Extra loggers: [tensorboard].", Check(lambda v: set(v) <= {"tensorboard"}, "a list of: tensorboard"))
+    report_to: list = _f([], "Loggers beside the always-written metrics.jsonl: tensorboard (output_dir/tensorboard), wandb (output_dir/wandb; WANDB_PROJECT, WANDB_MODE=offline ... from the environment); none or jsonl: metrics.jsonl only. Main process only; needs the `loggers` extra.")
+    push_to_hub: bool = _f(False, "After the last step, upload the output folder (model, tokenizer, config.yaml, metrics, COMPLETE.json; not checkpoints or logger folders) to the hub repo train.hub_model_id, from the main process; the token comes from the environment (HF_TOKEN) or `hf auth login`.")
+    hub_model_id: Optional[str] = _f(None, "push_to_hub: the hub repo, ORG/NAME (created if missing).", Check(lambda v: v.count("/") <= 1 and all(v.split("/")), "ORG/NAME or NAME"))
+    hub_private_repo: bool = _f(False, "push_to_hub: create the repo as private.")
     progress_bar: bool = _f(True, "Show a progress bar with loss and time left.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the policy.")
     loss_path: str = _f("fused", "fused: token-level losses computed in row chunks from final hidden states, never B x T x V; plain: full logits (the reference implementation).", _one_of("fused", "plain"))
@@ -133,14 +155,15 @@ class MethodConfig:
     name: str = _f("dpo", "sft, dpo, ipo, simpo, dpop, kto, tdpo1, tdpo2, sparsepo, mapo, aligndistil, ppo, rto, reinforce.")
     beta: float = _f(0.1, "KL / temperature coefficient beta (dpo family, tdpo, sparsepo, aligndistil's RLHF beta).", _gt(0))
     reverse: bool = _f(False, "dpo: swap chosen and rejected (train the reverse-DPO model).")
+    ipo_logps: str = _f("sum", "ipo: log pi(y|x) inside h as the sum over response tokens (sum: the IPO paper's formula read literally) or their mean (mean: TRL's ipo loss).", _one_of("sum", "mean"))
     gamma: float = _f(5.0, "simpo: target margin gamma.", _ge(0))
     lambda_: float = _f(50.0, "dpop: penalty weight lambda.", _ge(0))
     alpha: float = _f(0.5, "tdpo2: weight of delta2; aligndistil teacher=constant: the constant alpha.", _ge(0))
     desirable_weight: float = _f(1.0, "kto: lambda_D.", _gt(0))
     undesirable_weight: float = _f(1.0, "kto: lambda_U.", _gt(0))
     mask_shared: bool = _f(True, "sparsepo: one mask for reward and KL (m_u = m_d) or two.")
-    lambda_u: float = _f(1e-3, "sparsepo: L1 weight of the reward mask.", _ge(0))
-    lambda_d: float = _f(1e-3, "sparsepo: L1 weight of the KL mask.", _ge(0))
+    lambda_u: float = _f(1e-3, "sparsepo: L1 weight of the reward mask (the loss's default, losses.sparsepo.L1_WEIGHT).", _ge(0))
+    lambda_d: float = _f(1e-3, "sparsepo: L1 weight of the KL mask (the loss's default, losses.sparsepo.L1_WEIGHT).", _ge(0))
     mask_learning_rate: Optional[float] = _f(None, "sparsepo: learning rate of the mask network (default: the policy's).", _gt(0))
     mask_weight_decay: float = _f(0.01, "sparsepo: weight decay of the mask network.", _ge(0))
     mode: str = _f("off_policy", "aligndistil: off_policy (prompt + chosen) or on_policy (sampled).")
@@ -153,6 +176,13 @@ class MethodConfig:
     top_p: float = _f(1.0, "on-policy nucleus sampling.", _within(0, 1, lo_open=True))
     max_new_tokens: int = _f(64, "on-policy: tokens sampled per response.", _ge(1))
     num_samples: int = _f(1, "on-policy: responses sampled per prompt.", _ge(1))
+    # On-policy sampler (docs/lora-vllm.md); TRL's names where it has them.
+    generation_backend: str = _f("hf", "on-policy sampler: hf (our own sampling loop on the policy) or vllm (a vLLM engine; needs the `vllm` extra and a CUDA GPU).", _one_of("hf", "vllm"))
+    vllm_mode: str = _f("colocate", "generation_backend=vllm: colocate (an engine in this process, weights synced after every optimizer step) or server (a `trl vllm-serve` server at vllm_server_url).", _one_of("colocate", "server"))
+    vllm_server_url: Optional[str] = _f(None, "vllm_mode=server: the server's base URL, e.g. http://127.0.0.1:8000.")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vllm_mode=colocate: share of the GPU's memory the engine may take (the trainer needs the rest).", _within(0, 1, lo_open=True))
+    vllm_importance_sampling_correction: bool = _f(False, "generation_backend=vllm: weight each response token's loss by min(pi_trainer / pi_vllm, cap) of the sampled token, correcting the mismatch between the engine's and the trainer's probabilities (TRL's vllm_importance_sampling_correction).")
+    vllm_importance_sampling_cap: float = _f(2.0, "the cap C of that truncated importance weight.", _ge(1))
     # Online RL (ppo, rto, reinforce; docs/online-rl.md). TRL / OpenRLHF names where they exist.
     reward: str = _f("vader", "ppo, rto (rto_recipe=rto): the sequence reward put on the last response token: vader, bt:DIR (a reward model from `aligndistil train-rm`) or module:function (prompts, responses) -> floats. It is given text: the prompt as the policy saw it and the response up to EOS, decoded.")
     log_reward: Optional[str] = _f(None, "on-policy methods (ppo, rto, reinforce, aligndistil on_policy): a reward spec (as method.reward) scored on every rollout and logged as rollout/reward, never trained on; null: none.")
@@ -192,14 +222,27 @@ class RunConfig:
         """A stable hash of every setting except where outputs go and how they are shown."""
         d = self.to_dict()
         for k in ("output_dir", "progress_bar", "report_to", "logging_steps", "save_steps", "save_total_limit",
-                  "overwrite_output_dir"):
+                  "overwrite_output_dir", "save_strategy", "eval_steps", "push_to_hub", "hub_model_id",
+                  "hub_private_repo"):
             d["train"].pop(k, None)
+        # An eval file is only scored, never trained on; a held-out ratio removes training data.
+        for k in ("eval_file", "eval_split") + (("eval_split_ratio",) if not self.data.eval_split_ratio else ()):
+            d["data"].pop(k, None)
         # Performance settings that leave the results equal (to float tolerance) are not part of
         # the fingerprint; an approximate (bf16) teacher cache is.
         for k in ("loss_path", "chunk_size", "compile_loss", "teacher_cache"):
             d["train"].pop(k, None)
         if not self.train.teacher_cache or self.train.teacher_cache_dtype == "float32":
             d["train"].pop("teacher_cache_dtype", None)
+        # Settings added later are left out at their defaults, so earlier runs keep their fingerprints.
+        for sec, k in (("model", "lora"), ("data", "dataset_config")):
+            if d[sec].get(k) is None:
+                d[sec].pop(k, None)
+        if d["method"].get("generation_backend", "hf") == "hf":
+            for k in [k for k in d["method"] if k == "generation_backend" or k.startswith("vllm_")]:
+                d["method"].pop(k)
+        if d["method"].get("ipo_logps") == "sum":
+            d["method"].pop("ipo_logps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> "RunConfig":
@@ -229,11 +272,15 @@ def validate(cfg: "RunConfig", where: str = "") -> None:
     (:func:`aligndistil.train.methods.get_method`).
     """
     prefix = f"{where}: " if where else ""
-    for sec in SECTIONS:
-        obj = getattr(cfg, sec)
+    stack = [(sec, getattr(cfg, sec)) for sec in SECTIONS]
+    while stack:
+        sec, obj = stack.pop(0)
         for f in fields(obj):
             v = getattr(obj, f.name)
             if v is None:
+                continue
+            if dataclasses.is_dataclass(v):  # a nested section such as model.lora
+                stack.append((f"{sec}.{f.name}", v))
                 continue
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{prefix}{sec}.{f.name} must be a finite number, got {v!r}")
@@ -246,6 +293,9 @@ def validate(cfg: "RunConfig", where: str = "") -> None:
                 ok = False
             if not ok:
                 raise ConfigError(f"{prefix}{sec}.{f.name} must be {check.says}, got {v!r}")
+    unknown = [x for x in cfg.train.report_to if x not in LOGGERS]
+    if unknown:  # named, not the whole list
+        raise ConfigError(f"{prefix}train.report_to: unknown logger {unknown[0]!r} (known: {', '.join(LOGGERS)})")
 
 
 def _looks_local(path: str) -> bool:
@@ -260,7 +310,7 @@ def check_paths(cfg: "RunConfig", roles=("reference", "dpo_model", "reverse_dpo_
     paths = {f"model.{k}": getattr(cfg.model, k) for k in ("policy", "tokenizer", *roles)}
     paths["data.train_file"] = cfg.data.train_file
     for key, path in paths.items():
-        if not path or (key != "data.train_file" and not _looks_local(path)) or Path(path).expanduser().exists():
+        if not path or (key != "data.train_file" and not _looks_local(path)) or path.startswith("hub:") or Path(path).expanduser().exists():
             continue
         hint = ""
         for parent in Path(path).expanduser().parents:
@@ -308,6 +358,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        return _nested(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -335,6 +387,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _nested(value: Any, cls, where: str):
+    """A nested section (``model.lora``) from a mapping (unknown keys refused), ``true`` (the
+    defaults), ``false`` (off: None) or an instance."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return cls() if value in (True, "true", "True") else None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in fields(cls))}, got {value!r}")
+    known = _types(cls)
+    obj = cls()
+    for k, v in value.items():
+        if k not in known:
+            raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+        setattr(obj, k, _coerce(v, known[k], f"{where}.{k}"))
+    return obj
 
 
 def from_dict(d: dict, source: str = "<dict>") -> RunConfig:
@@ -383,11 +453,19 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         path, raw = item.split("=", 1)
         parts = path.strip().split(".")
-        if len(parts) != 2 or parts[0] not in SECTIONS:
+        if len(parts) not in (2, 3) or parts[0] not in SECTIONS:
             raise ConfigError(f"override {item!r}: key must be one of {list(SECTIONS)} followed by .name")
-        sec, key = parts
+        sec, key = parts[:2]
         obj = getattr(cfg, sec)
         known = _types(type(obj))
+        if len(parts) == 3:  # section.nested.key, e.g. model.lora.r=8 (creates the nested section)
+            nested = typing.get_args(known.get(key)) or (known.get(key),)
+            cls = next((c for c in nested if dataclasses.is_dataclass(c)), None)
+            if cls is None:
+                raise ConfigError(f"override {item!r}: {sec}.{key} has no keys of its own")
+            if getattr(obj, key) is None:
+                setattr(obj, key, cls())
+            sec, obj, key, known = f"{sec}.{key}", getattr(obj, key), parts[2], _types(cls)
         if key not in known:
             raise ConfigError(f"override {item!r}: unknown key {sec}.{key} (known: {', '.join(sorted(known))})")
         try:
@@ -422,4 +500,10 @@ def help_text() -> str:
             check = f.metadata.get("check")
             allowed = f" (allowed: {check.says})" if check else ""
             lines.append(f"  {sec}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}{allowed}")
+            sub = next((c for c in typing.get_args(_types(cls)[f.name]) if dataclasses.is_dataclass(c)), None)
+            for g in fields(sub) if sub else ():
+                gd = g.default if g.default is not dataclasses.MISSING else g.default_factory()
+                gc = g.metadata.get("check")
+                lines.append(f"  {sec}.{f.name}.{g.name} = {gd!r}\n      {g.metadata.get('help', '')}"
+                             + (f" (allowed: {gc.says})" if gc else ""))
     return "\n".join(lines)

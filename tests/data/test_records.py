@@ -99,7 +99,8 @@ def test_unpaired_errors_and_kind_mismatch(tmp_path, tok):
 
 
 
-def test_load_from_disk(tmp_path, tok):
+def test_load_from_disk(tmp_path, tok_nochat):
+    tok = tok_nochat  # raw-text prompts: BOS + the prompt
     import datasets
 
     rows = {"prompt": ["p1", "p2"], "chosen": ["a", "c"], "rejected": ["b", "d"]}
@@ -125,3 +126,96 @@ def test_as_messages():
     assert as_messages("hi") == [{"role": "user", "content": "hi"}]
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     assert as_messages(msgs) is msgs
+
+
+# ---------------------------------------------------------------- issue 10: non-UTF-8 input
+def test_non_utf8_line_is_named_by_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')  # Latin-1 e-acute on line 2
+    with pytest.raises(DataError, match=r"latin1\.jsonl, line 2: not valid UTF-8 \(byte 16 of the line is 0xe9\)"):
+        load_records(p)
+    # A UTF-8 byte-order mark on line 1 is not an error.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')
+    assert load_records(bom)[0].data == {"prompt": "a"}
+
+
+# ---------------------------------------------------------------- issue 16 item 8: hub datasets
+@pytest.fixture()
+def data_folder(tmp_path, monkeypatch):
+    """A local dataset repository as on the hub: JSONL files and a README declaring two configs."""
+    import json
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    root = tmp_path / "my-prefs"
+    for config, n in (("small", 1), ("big", 3)):
+        (root / config).mkdir(parents=True)
+        for split in ("train", "test"):
+            (root / config / f"{split}.jsonl").write_text("".join(
+                json.dumps({"prompt": f"{config} {split} {i}", "chosen": "a", "rejected": "b"}) + "\n"
+                for i in range(n)))
+    lines = ["---", "configs:"]
+    for config in ("small", "big"):
+        lines += [f"- config_name: {config}", "  data_files:"]
+        lines += [f"  - split: {s}\n    path: {config}/{s}.jsonl" for s in ("train", "test")]
+    (root / "README.md").write_text("\n".join(lines + ["---", ""]))
+    return root
+
+
+def test_dataset_id_config_and_split_through_load_dataset(data_folder, tok):
+    """hub:ID goes through datasets.load_dataset(ID, config, split=split); a local repository
+    stands in for the hub (the same call resolves a local folder first)."""
+    recs = load_records(f"hub:{data_folder}", split="test", config="big")
+    assert [r.data["prompt"] for r in recs] == ["big test 0", "big test 1", "big test 2"]
+    assert recs[2].where == f"hub:{data_folder} (config 'big', split 'test'), index 2"
+    # A local folder that is not a save_to_disk dataset is read by load_dataset too.
+    feats, report = build_dataset(data_folder, tok, "pairs", 64, 32, split="train", config="small")
+    assert report.n_read == report.n_kept == 1
+    with pytest.raises(DataError, match=r"split 'dev'.*Unknown split"):
+        load_records(f"hub:{data_folder}", split="dev", config="big")
+    with pytest.raises(DataError, match=r"'nope' not found"):
+        load_records(str(data_folder), config="nope")
+
+
+def test_offline_hub_id_says_save_to_disk_is_the_route(monkeypatch, tmp_path):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    with pytest.raises(DataError) as info:
+        load_records("hub:no-such-org/no-such-dataset")
+    msg = str(info.value)
+    assert msg.startswith("hub:no-such-org/no-such-dataset: cannot load it with datasets.load_dataset")
+    assert "the hub is offline" in msg and ".save_to_disk(FOLDER)" in msg and "local JSONL" in msg
+    # A missing local file says how a hub dataset is written.
+    with pytest.raises(FileNotFoundError, match="hub:ORG/NAME"):
+        load_records(tmp_path / "org" / "name.jsonl")
+
+
+def test_config_accepts_a_hub_dataset(tmp_path):
+    from aligndistil.config import RunConfig, apply_overrides, check_paths
+
+    cfg = apply_overrides(RunConfig(), ["data.train_file=hub:org/prefs", "data.dataset_config=default",
+                                        "data.split=train_prefs"])
+    check_paths(cfg)  # not refused as a missing local path
+    assert cfg.data.dataset_config == "default"
+    base = RunConfig().fingerprint()
+    assert apply_overrides(RunConfig(), ["data.dataset_config=null"]).fingerprint() == base  # unchanged at its default
+
+
+def test_training_reads_a_hub_dataset_with_its_config(data_folder, tiny_ws, tmp_path):
+    """data.train_file=hub:ID with data.dataset_config and data.split reaches load_dataset from a run."""
+    import json
+
+    from aligndistil.config import RunConfig, apply_overrides
+    from aligndistil.train.loop import Trainer
+
+    cfg = apply_overrides(RunConfig(), [
+        f"model.policy={tiny_ws['model']}", f"data.train_file=hub:{data_folder}", "data.dataset_config=big",
+        "data.split=test", "data.max_length=64", "data.max_prompt_length=48", f"train.output_dir={tmp_path / 'out'}",
+        "train.max_steps=1", "train.per_device_batch_size=3", "train.progress_bar=false", "method.name=sft"])
+    out = Trainer(cfg).train()
+    assert json.loads((out / "COMPLETE.json").read_text())["data"]["n_read"] == 3  # big/test has 3 records

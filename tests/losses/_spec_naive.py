@@ -2,7 +2,7 @@
 
 Independent of the package on purpose: explicit loops over the batch ``b`` and the
 response tokens ``t``, an explicit softmax ``exp(z) / sum exp(z)``, and the formulas as
-SPEC writes them. They are slow and only meant for tiny tensors. They use torch scalar
+docs/math.md writes them. They are slow and only meant for tiny tensors. They use torch scalar
 ops so that autograd gives the reference gradient too.
 """
 
@@ -23,7 +23,7 @@ def log_prob(z: torch.Tensor, v: int) -> torch.Tensor:
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q) = sum_v p(v) (log p(v) - log q(v))`` for 1-D logit vectors (SPEC Notation)."""
+    """``KL(p || q) = sum_v p(v) (log p(v) - log q(v))`` for 1-D logit vectors (docs/math.md, Notation)."""
     p, q = softmax(p_logits), softmax(q_logits)
     total = torch.zeros((), dtype=p.dtype)
     for v in range(p.shape[0]):
@@ -57,7 +57,7 @@ def _stack(xs):
 
 
 def dpo(pc, pr, rc, rr, lc, lr, mc, mr, *, beta, reverse=False):
-    """SPEC: ``-log sigma(beta (Delta_theta - Delta_ref))``; reverse: y_w and y_l exchanged."""
+    """docs/math.md: ``-log sigma(beta (Delta_theta - Delta_ref))``; reverse: y_w and y_l exchanged."""
     out = []
     for b in range(pc.shape[0]):
         w_pol, l_pol = seq_logp(pc, lc, mc, b), seq_logp(pr, lr, mr, b)
@@ -90,7 +90,7 @@ def dpop(pc, pr, rc, rr, lc, lr, mc, mr, *, beta, lam):
 
 
 def simpo(pc, pr, lc, lr, mc, mr, *, beta, gamma):
-    """SPEC: ``-log sigma((beta/|y_w|) log pi(y_w|x) - (beta/|y_l|) log pi(y_l|x) - gamma)``."""
+    """docs/math.md (SimPO): ``-log sigma((beta/|y_w|) log pi(y_w|x) - (beta/|y_l|) log pi(y_l|x) - gamma)``."""
     out = []
     for b in range(pc.shape[0]):
         nw = sum(1 for t in range(mc.shape[1]) if mc[b, t] > 0)
@@ -120,7 +120,7 @@ def token_level_dpo(
     pc, pr, rc, rr, lc, lr, mc, mr, *, beta, alpha=1.0, stop_grad_chosen_kl=False,
     mu_c=None, mu_r=None, md_c=None, md_r=None, lambda_u=0.0, lambda_d=0.0,
 ):
-    """TDPO1/TDPO2/SparsePO from SPEC, token by token.
+    """TDPO1/TDPO2/SparsePO from docs/math.md, token by token.
 
     ``u = beta sum_t m_u log pi_theta/pi_ref (y_w,t) - beta sum_t m_u log pi_theta/pi_ref (y_l,t)``
     ``delta = beta sum_t m_d KL(pi_ref||pi_theta)(y_l,t) - [sg](beta sum_t m_d KL(pi_ref||pi_theta)(y_w,t))``
@@ -164,7 +164,7 @@ def token_level_dpo(
 
 
 def aligndistil(policy, teacher, mask, *, alpha, beta0, weighting="beta_t"):
-    """SPEC item 4: ``L = (1/|y|) sum_t beta_t KL(pi_theta(.|s_t) || softmax(z*_t))``, ``beta_t = beta0/alpha_t``."""
+    """AlignDistil Eq. 16 (docs/math.md, AlignDistil): ``L = (1/|y|) sum_t beta_t KL(pi_theta(.|s_t) || softmax(z*_t))``, ``beta_t = beta0/alpha_t``."""
     out = []
     teacher = teacher.detach()
     for b in range(policy.shape[0]):

@@ -1,4 +1,4 @@
-"""AlignDistil teachers, adaptive alpha and the distillation loss (SPEC "AlignDistil" items 1-4)."""
+"""AlignDistil teachers, adaptive alpha and the distillation loss (docs/math.md, "AlignDistil")."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_teachers_match_naive():
     dpo, ref, rev = (torch.randn(2, 3, 4, generator=g, dtype=F64) for _ in range(3))
     torch.testing.assert_close(aligndistil_teacher_logits(dpo, ref, vanilla_alpha(0.1, 0.03)),
                                naive.teacher(dpo, ref, 0.1 / 0.03 - 1.0), rtol=1e-14, atol=1e-14)
-    # vanilla written SPEC's way: (beta0/beta) z_dpo + (1 - beta0/beta) z_ref
+    # vanilla written as AlignDistil Eq. 11 writes it: (beta0/beta) z_dpo + (1 - beta0/beta) z_ref
     c = 0.1 / 0.03
     torch.testing.assert_close(aligndistil_teacher_logits(dpo, ref, vanilla_alpha(0.1, 0.03)),
                                c * dpo + (1 - c) * ref, rtol=1e-13, atol=1e-13)
@@ -372,3 +372,16 @@ def test_non_finite_logits(bad):
         aligndistil_loss(policy, q, mask, alpha=alpha)
     with pytest.raises(ValueError, match="negative_logits"):
         aligndistil_teacher_logits(teacher, q, 1.0)
+
+
+def test_vanilla_teacher_logs_its_own_alpha_and_weights_tokens_by_beta():
+    """Eq. 11's teacher z_dpo + (beta0/beta - 1)(z_dpo - z_ref): with beta0 = 0.1, beta = 0.04
+    its alpha is 1.5 (what alpha/mean must report), while every token is weighted by beta = 0.04
+    (not beta0/alpha = 0.0667)."""
+    kl = torch.tensor([[0.2, 0.4], [0.6, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    alpha = vanilla_alpha(0.1, 0.04)
+    assert alpha == pytest.approx(1.5, abs=1e-12)
+    losses, m = aligndistil_loss_from_stats(kl, mask, alpha=alpha, beta0=0.1, beta=0.04)
+    assert losses.tolist() == pytest.approx([0.04 * (0.2 + 0.4) / 2, 0.04 * 0.6], abs=1e-12)
+    assert m["alpha/mean"].tolist() == pytest.approx([1.5, 1.5], abs=1e-12)

@@ -1,4 +1,4 @@
-"""Sequence-level preference losses (DPO, reverse DPO, IPO, SimPO, DPOP, KTO) against SPEC.
+"""Sequence-level preference losses (DPO, reverse DPO, IPO, SimPO, DPOP, KTO) against docs/math.md.
 
 Hand-computed values use sequence log-probs chosen as round numbers; the arithmetic is
 spelled out with ``math`` on scalars. Gradients are checked with ``gradcheck`` and against
@@ -104,6 +104,59 @@ def test_ipo_uses_sequence_sums_not_token_means():
     pc, pr, rc, rr, mc, mr = pair()
     losses, _ = ipo_loss(pc, pr, rc, rr, mc, mr, beta=0.25)
     assert losses.item() != pytest.approx(2.25)
+    losses, _ = ipo_loss(pc, pr, rc, rr, mc, mr, beta=0.25, logps="mean")
+    assert losses.item() == pytest.approx(2.25, abs=1e-12)
+
+
+# Two response tokens on each side (the 9.0 is padding), B = 1:
+#   policy y_w: -0.2 + -0.6 = -0.8 (mean -0.4)     ref y_w: -0.5 + -0.5 = -1.0 (mean -0.5)
+#   policy y_l: -1.0 + -2.0 = -3.0 (mean -1.5)     ref y_l: -1.0 + -1.0 = -2.0 (mean -1.0)
+# beta = 0.5, so 1/(2 beta) = 1:
+#   sum:  h = (-0.8 - -3.0) - (-1.0 - -2.0) = 2.2 - 1.0 = 1.2 ; loss (1.2 - 1)^2 = 0.04
+#   mean: h = (-0.4 - -1.5) - (-0.5 - -1.0) = 1.1 - 0.5 = 0.6 ; loss (0.6 - 1)^2 = 0.16
+#   mean rewards: chosen 0.5 * (-0.4 - -0.5) = 0.05, rejected 0.5 * (-1.5 - -1.0) = -0.25
+def two_token_pair():
+    return (t([[-0.2, -0.6, 9.0]]), t([[-1.0, -2.0, 9.0]]), t([[-0.5, -0.5, 9.0]]), t([[-1.0, -1.0, 9.0]]),
+            t([[1.0, 1.0, 0.0]]), t([[1.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("logps, expected, chosen, rejected", [("sum", 0.04, 0.1, -0.5), ("mean", 0.16, 0.05, -0.25)])
+def test_ipo_sum_and_mean_forms_by_hand(logps, expected, chosen, rejected):
+    losses, m = ipo_loss(*two_token_pair(), beta=0.5, logps=logps)
+    assert losses.item() == pytest.approx(expected, abs=1e-12)
+    assert m["rewards/chosen"].item() == pytest.approx(chosen, abs=1e-12)
+    assert m["rewards/rejected"].item() == pytest.approx(rejected, abs=1e-12)
+
+
+def test_ipo_form_is_checked_and_mean_needs_masks():
+    pc, pr, rc, rr, mc, mr = two_token_pair()
+    with pytest.raises(ValueError, match="logps must be one of sum, mean, got 'avg'"):
+        ipo_loss(pc, pr, rc, rr, mc, mr, logps="avg")
+    with pytest.raises(ValueError, match="needs per-token log-probs"):
+        ipo_loss(t([-0.8]), t([-3.0]), t([-1.0]), t([-2.0]), logps="mean")
+
+
+def test_the_ipo_declaration_passes_method_ipo_logps(monkeypatch):
+    """method.ipo_logps reaches the loss through the ipo declaration (train/methods.py), with the
+    same allowed values as the loss; the default is the sum."""
+    from dataclasses import fields
+
+    from aligndistil.config import ConfigError, MethodConfig, RunConfig, apply_overrides
+    from aligndistil.losses.dpo import IPO_LOGPS
+    from aligndistil.train import methods as M
+
+    assert MethodConfig().ipo_logps == "sum" and "ipo_logps" in M.get_method(MethodConfig(name="ipo")).params
+    pair_ = two_token_pair()
+    monkeypatch.setattr(M, "_pair_logps", lambda ctx, batch, **kw: (pair_[:2], pair_[2:4], pair_[4:]))
+    for logps, expected in (("sum", 0.04), ("mean", 0.16)):
+        cfg = apply_overrides(RunConfig(), ["method.name=ipo", "method.beta=0.5", f"method.ipo_logps={logps}"]).method
+        losses, _ = M.get_method(cfg).loss(M.StepContext(policy=None, frozen={}, cfg=cfg), {})
+        assert losses.item() == pytest.approx(expected, abs=1e-12)
+    check = next(f for f in fields(MethodConfig) if f.name == "ipo_logps").metadata["check"]
+    assert all(check.ok(v) for v in IPO_LOGPS) and not check.ok("avg")
+    with pytest.raises(ConfigError, match="method.ipo_logps must be sum or mean, got 'avg'") as info:
+        apply_overrides(RunConfig(), ["method.ipo_logps=avg"]).validate()
+    assert info.value.exit_code == 2
 
 
 def test_simpo_hand_value():
@@ -118,7 +171,7 @@ def test_simpo_hand_value():
 
 
 def test_simpo_defaults_are_spec_values():
-    # SPEC: beta = 10, gamma / beta = 0.5. Equal rewards -> x = -gamma = -5.
+    # beta = 10, gamma / beta = 0.5. Equal rewards -> x = -gamma = -5.
     losses, _ = simpo_loss(t([[-1.0]]), t([[-1.0]]), t([[1.0]]), t([[1.0]]))
     assert losses.item() == pytest.approx(-math.log(sig(-5.0)), abs=1e-12)
 

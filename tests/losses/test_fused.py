@@ -1,7 +1,7 @@
 """The fused, chunked losses equal the plain path: loss, metrics and every gradient.
 
-SPEC Pitfalls: "Any fused or chunked path here must match the plain path to float
-tolerance, by test." Each method's loss runs twice on the same tiny models and padded
+The project's rule (docs/math.md, "Fused (chunked) computation"): a fused or chunked path
+must match the plain path to float tolerance, by test. Each method's loss runs twice on the same tiny models and padded
 batch, once with ``loss_path="plain"`` (full logits) and once fused, for several chunk
 sizes (1, 3, 7 — which divides no row count here — and one larger than every batch), with
 tied and untied embeddings; losses, metrics and the gradients of every policy parameter
@@ -56,7 +56,7 @@ def features(kind: str, seed: int = 0) -> list[dict]:
 
 
 METHODS = [
-    ("sft", {}), ("dpo", {}), ("dpo", {"reverse": True}), ("ipo", {}), ("dpop", {}), ("simpo", {}), ("kto", {}),
+    ("sft", {}), ("dpo", {}), ("dpo", {"reverse": True}), ("ipo", {}), ("ipo", {"ipo_logps": "mean"}), ("dpop", {}), ("simpo", {}), ("kto", {}),
     ("tdpo1", {}), ("tdpo2", {}), ("sparsepo", {}), ("sparsepo", {"mask_shared": False}), ("mapo", {}),
     ("aligndistil", {"teacher": "adaptive"}), ("aligndistil", {"teacher": "contrastive"}),
     ("aligndistil", {"teacher": "vanilla", "beta": 0.05}), ("aligndistil", {"teacher": "constant", "alpha": 2.0}),

@@ -1,4 +1,4 @@
-"""Global-count reductions stay exact under gradient accumulation and simulated DDP (SPEC Pitfalls)."""
+"""Global-count reductions stay exact under gradient accumulation and simulated DDP (docs/math.md, Normalisation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SparsePO loss, SparsePOMask and MaPO mask (SPEC "SparsePO and MaPO")."""
+"""SparsePO loss, SparsePOMask and MaPO mask (docs/math.md, "SparsePO and MaPO")."""
 
 from __future__ import annotations
 
@@ -319,3 +319,26 @@ def test_bad_logits_and_response_masks():
         sparsepo_loss(pc, pr, rc, rr, lc, lr, empty, mr, ones, ones, ones, ones)
     with pytest.raises(ValueError, match="reference_rejected_logits"):
         sparsepo_loss(pc, pr, rc, rr[..., :2], lc, lr, mc, mr, ones, ones, ones, ones)
+
+
+def test_loss_and_config_defaults_of_the_l1_weights_agree():
+    """One default for lambda_u and lambda_d: the loss's L1_WEIGHT, which MethodConfig repeats
+    (the config room cannot import losses); a call without them pays L1_WEIGHT * sum |m|."""
+    import inspect
+
+    from aligndistil.config import MethodConfig
+    from aligndistil.losses.sparsepo import L1_WEIGHT, sparsepo_loss_from_stats
+
+    assert L1_WEIGHT == 1e-3
+    assert MethodConfig().lambda_u == MethodConfig().lambda_d == L1_WEIGHT
+    for fn in (sparsepo_loss, sparsepo_loss_from_stats):
+        params = inspect.signature(fn).parameters
+        assert params["lambda_u"].default == params["lambda_d"].default == L1_WEIGHT
+    args = hand_pair()
+    ones = torch.ones(1, 2, dtype=F64)
+    zeros = torch.zeros(1, 2, dtype=F64)
+    base, _ = sparsepo_loss(*args, ones, ones, zeros, zeros, beta=0.4, lambda_u=0.0, lambda_d=0.0)
+    default, _ = sparsepo_loss(*args, ones, ones, zeros, zeros, beta=0.4)
+    # m_u = 1 on the pair's 3 response tokens (chosen 2, rejected 1; padding does not count), m_d = 0:
+    # the default adds lambda_u * 3 = 3e-3.
+    torch.testing.assert_close(default - base, torch.tensor([3e-3], dtype=F64), rtol=0, atol=1e-15)

@@ -1,4 +1,4 @@
-"""TDPO1 / TDPO2 (SPEC "TDPO") against hand values, a naive implementation and gradcheck."""
+"""TDPO1 / TDPO2 (docs/math.md, "TDPO") against hand values, a naive implementation and gradcheck."""
 
 from __future__ import annotations
 

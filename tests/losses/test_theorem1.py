@@ -1,4 +1,4 @@
-"""Theorem 1 of AlignDistil, exactly, on a model small enough to enumerate (SPEC item 5).
+"""Theorem 1 of AlignDistil, exactly, on a model small enough to enumerate (AlignDistil Sec. 3, Theorem 1).
 
 A tabular "model": vocabulary 3, fixed response length 3, no EOS. Each model is a table
 of logits indexed by the prefix ``y_<t`` (13 prefixes: (), 3 of length 1, 9 of length 2),

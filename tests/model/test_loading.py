@@ -318,3 +318,135 @@ def test_later_loads_are_fast(converted, monkeypatch):
 def test_check_same_vocab_rejects_too_few_embedding_rows():
     with pytest.raises(ValueError, match=r"teacher.*8 embedding rows.*10 tokens"):
         models.check_same_vocab(tiny_tokenizer(), tiny_tokenizer(), tiny_llama(), tiny_llama(8))
+
+
+# ---------------------------------------------------------------------------------------
+# Model paths that are not on disk: a local folder, or a hub id (model/locate.py)
+# ---------------------------------------------------------------------------------------
+
+from aligndistil.model import locate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """The hub reachable as far as aligndistil can tell; transformers' loaders are replaced
+    by recorders that fail like the hub does for an unknown repo (no network is touched)."""
+    import huggingface_hub.constants
+    import transformers
+
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def hub(name, *a, **k):
+        asked.append(name)
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'\nIf this is a private repository, ...")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hub)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", hub)
+    return asked
+
+
+@pytest.mark.parametrize("path", ["./outputs/dpo", "../no_such/model", "outputs/tiny/model", "a/b/c",
+                                  "~/no_such_aligndistil_model"])
+def test_a_missing_local_path_names_the_key_the_path_and_the_rule(path, online):
+    """Strings that cannot be hub ids are local folders even with a hub: their absence is the
+    error (not transformers' "Repo id must be in the form ..."), and the hub is never asked."""
+    for load in (models.load_causal_lm, models.load_tokenizer):
+        with pytest.raises(ModelLoadError) as info:
+            load(path, key="model.dpo_model")
+        msg = str(info.value)
+        assert msg.startswith(f"model.dpo_model: {path} does not exist (no folder ")
+        assert locate.RULE in msg and "Repo id" not in msg
+        assert info.value.exit_code == 2
+    assert online == []
+
+
+@pytest.mark.parametrize("path", ["mymodel", "outputs/dpo"])
+def test_a_hub_shaped_name_absent_while_offline_says_both_readings(path, offline, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        models.load_causal_lm(path, key="model.policy")
+    msg = str(info.value)
+    assert msg.startswith(f"model.policy: {path} is not a local folder (no {tmp_path / path}) and, read as a hub id, "
+                          "has no cached copy while the hub is offline")
+    assert locate.RULE in msg and info.value.exit_code == 2
+    with pytest.raises(ModelLoadError, match=f"^model path {path} is not a local folder"):
+        models.load_tokenizer(path)
+
+
+def test_a_hub_id_still_goes_to_the_hub(online):
+    """NAME / ORG/NAME not on disk are handed to transformers unchanged; its failure is said
+    with both readings and its first line."""
+    for load, name in ((models.load_causal_lm, "org/name"), (models.load_tokenizer, "mymodel")):
+        with pytest.raises(ModelLoadError) as info:
+            load(name, key="model.reference")
+        msg = str(info.value)
+        assert msg.startswith(f"model.reference: {name} is not a local folder (no ")
+        assert "could not be loaded as a hub id (OSError: " in msg and "valid model identifier" in msg
+        assert "private repository" not in msg  # one line of transformers' advice, not all of it
+        assert info.value.exit_code == 2
+    assert online == ["org/name", "mymodel"]
+
+
+def test_a_cached_hub_model_passes_offline(offline, monkeypatch):
+    monkeypatch.setattr(locate, "in_hub_cache", lambda repo: repo == "org/cached")
+    locate.check_model_path("org/cached", "model.policy")
+    with pytest.raises(ModelLoadError, match="^model.policy: org/other is not a local folder .* offline") as info:
+        locate.check_model_path("org/other", "model.policy")
+    assert info.value.exit_code == 2
+    locate.check_model_path("smollm2", "model.policy")  # the embedded default: never a hub id, never converted here
+
+
+def test_a_home_relative_folder_loads(tmp_path, monkeypatch):
+    """``~`` is expanded (transformers would send ``~/m`` to the hub as a repo id)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    assert models.load_causal_lm("~/m").config.vocab_size == len(WORDS)
+    assert models.load_tokenizer("~/m")("the cat").input_ids == [3, 4]
+
+
+def _train_cfg(tmp_path, ws, **model):
+    cfg = tmp_path / "run.yaml"
+    keys = ", ".join(f"{k}: {v}" for k, v in {"policy": ws["model"], **model}.items())
+    cfg.write_text(f"model: {{{keys}}}\ndata: {{train_file: {ws['prefs']}}}\n"
+                   f"train: {{output_dir: {tmp_path / 'o'}, progress_bar: false}}\nmethod: {{name: dpo}}\n")
+    return cfg
+
+
+@pytest.mark.parametrize("model, says", [
+    ({"policy": "mymodel"}, "model.policy: mymodel is not a local folder"),
+    ({"reference": "outputs/dpo"}, "model.reference: outputs/dpo is not a local folder"),
+    ({"tokenizer": "./tok"}, "model.tokenizer: ./tok does not exist"),
+])
+def test_train_refuses_a_missing_model_before_any_work(tiny_ws, tmp_path, capsys, offline, monkeypatch, model, says):
+    from aligndistil.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "-c", str(_train_cfg(tmp_path, tiny_ws, **model))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs" / "tiny").glob("*.yaml")))
+def test_every_tiny_config_before_make_tiny_says_to_run_it(config, tmp_path, capsys, monkeypatch):
+    from aligndistil.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "-c", str(REPO / "configs" / "tiny" / config)]) == 2
+    err = capsys.readouterr().err
+    assert "run `aligndistil make-tiny --out outputs/tiny` first" in err, err
+    assert list(tmp_path.iterdir()) == []

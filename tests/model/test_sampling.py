@@ -238,6 +238,65 @@ def test_sample_responses_ignores_the_checkpoints_generation_config(tiny):
             setattr(gc, k, v)
 
 
+def _misfits(model, batch, steps: int, z: float = 5.0) -> list[str]:
+    """Where a batch of samples of ONE prompt departs from the model's own softmax: at each of
+    the first ``steps`` response positions, the count of every token against its expectation
+    given each row's own prefix (the sum over live rows of ``p(v | prefix)``), off by more
+    than ``z`` standard deviations (+1). Empty when the samples are draws from the model."""
+    with torch.no_grad():
+        r = response_outputs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    probs = torch.softmax(r.logits.float(), dim=-1)
+    bad = []
+    for t in range(steps):
+        live = r.mask[:, t].bool()
+        p = probs[live, t].double()  # (rows, V)
+        seen = torch.bincount(r.labels[live, t], minlength=p.shape[-1]).double()
+        want, sd = p.sum(0), (p * (1 - p)).sum(0).sqrt()
+        for v in ((seen - want).abs() > z * sd + 1).nonzero().flatten().tolist():
+            bad.append(f"step {t} token {v}: {int(seen[v])} drawn, {float(want[v]):.1f} +- {float(sd[v]):.1f} expected")
+    return bad
+
+
+def test_on_policy_samples_are_draws_from_the_models_softmax_whatever_its_generation_config(tiny_ws):
+    """With do_sample (the on-policy path), a generation_config that suppresses the model's
+    favourite first token, penalises repeats (x50, prompt tokens included), forbids repeated
+    tokens, keeps the top 2 and sets temperature 0.1 changes nothing: 2000 samples of one prompt
+    match the model's own softmax, token by token, at the first two response positions. The
+    same check on HF generate under that config fails, so it would catch a sampler that used it."""
+    from aligndistil.model.loading import load_causal_lm, load_tokenizer
+    from aligndistil.model.sampling import response_mask_after_eos
+
+    model, tok = load_causal_lm(tiny_ws["model"]), load_tokenizer(tiny_ws["model"])
+    with torch.no_grad():  # a peaked softmax (the random head is near uniform): the favourite matters
+        model.lm_head.weight.mul_(20.0)
+    ids, att = _prompts(tok, PROMPTS[:1])
+    with torch.no_grad():
+        first = torch.softmax(model(input_ids=ids, attention_mask=att).logits[0, -1].float(), dim=-1)
+    fav = int(first.argmax())
+    assert first[fav] > 0.2, "the test needs a favourite token that suppressing it would visibly remove"
+    gc = model.generation_config
+    gc.suppress_tokens, gc.repetition_penalty, gc.no_repeat_ngram_size = [fav], 50.0, 1
+    gc.top_k, gc.temperature, gc.do_sample = 2, 0.1, True
+    n, steps, eos = 2000, 2, tok.eos_token_id
+    torch.manual_seed(0)
+    ours = sample_responses(model, ids, att, max_new_tokens=steps, num_samples=n, eos_token_id=eos,
+                            pad_token_id=tok.pad_token_id)
+    assert _misfits(model, ours, steps) == []
+
+
+    def hf_generate(**settings):
+        torch.manual_seed(0)
+        gen = model.generate(input_ids=ids.repeat(n, 1), attention_mask=att.repeat(n, 1), do_sample=True,
+                             temperature=1.0, top_p=1.0, max_new_tokens=steps, min_new_tokens=steps,
+                             pad_token_id=tok.pad_token_id, **settings)[:, ids.shape[1]:]
+        return pack_samples(ids.repeat(n, 1), att.repeat(n, 1), gen, response_mask_after_eos(gen, [eos]))
+
+    assert any(m.startswith(f"step 0 token {fav}: 0 drawn") for m in _misfits(model, hf_generate(), steps))
+    # The repetition penalty alone (prompt tokens penalised too) is caught as well.
+    gc.suppress_tokens, gc.no_repeat_ngram_size, gc.top_k = None, 0, 0
+    assert _misfits(model, hf_generate(), steps) != []
+
+
 def test_sample_responses_follow_the_global_seed_and_report_eos(tiny):
     """Seeds come from torch's global generator (what a checkpoint saves): the same seed gives
     the same samples; ``ended`` says which rows emitted EOS."""

@@ -112,3 +112,19 @@ def test_bad_specs(spec, pattern):
 
 def test_builtins_listed():
     assert "vader" in rewards.BUILTIN_REWARDS
+
+
+def test_module_function_imports_from_the_working_directory(tmp_path, monkeypatch):
+    """The installed `aligndistil` script does not put the working directory on sys.path
+    (python -m does); a reward module beside the user's data must import all the same."""
+    import os
+    import sys
+
+    (tmp_path / "cwd_reward_mod.py").write_text("def score(prompts, responses):\n    return [1.5] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    cwd = os.getcwd()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", cwd, str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_reward_mod", raising=False)
+    reward = get_reward("cwd_reward_mod:score")
+    assert reward(["p"], ["r"]) == [1.5]
+    assert sys.path[0] == cwd

@@ -248,3 +248,54 @@ def test_a_reward_model_with_another_tokenizer(tiny_ws, tmp_path):
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "method.critic_init" in bad.stderr and "differ" in bad.stderr, bad.stderr[-2000:]
     assert not (tmp_path / "as_critic").exists() or not any((tmp_path / "as_critic").iterdir())
+
+
+@pytest.mark.parametrize("penalty", [None, 0.5])
+def test_a_response_cut_by_max_new_tokens_is_scored_as_it_is_unless_missing_eos_penalty(tiny_ws, tmp_path, penalty):
+    """With a reward of 0 for everything, PPO's sequence score is exactly 0 (a response cut
+    without EOS is scored as it is), or ``-penalty`` on each cut response: the step's mean
+    score is ``-penalty * (1 - share ended)``."""
+    extra = ["method.reward=_online_rewards:zero", "method.max_new_tokens=3", "method.ppo_epochs=1",
+             "train.max_steps=3"] + ([] if penalty is None else [f"method.missing_eos_penalty={penalty}"])
+    Trainer(ppo_cfg(tiny_ws, tmp_path / "out", *extra)).train()
+    got = rows(tmp_path / "out")
+    assert any(r["rollout/ended"] < 1.0 for r in got)  # 3 tokens of a random model: most rows are cut
+    for r in got:
+        want = 0.0 if penalty is None else -penalty * (1.0 - r["rollout/ended"])
+        assert r["reward/score"] == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_path", ["fused", "plain"])
+def test_on_policy_aligndistil_reports_the_contrastive_reward_of_its_samples(tiny_ws, loss_path):
+    """``reward/contrastive`` = beta0 * sum_t log pi_dpo(y_t|s_t)/pi_rev(y_t|s_t) of each sample,
+    read from the teachers' outputs the loss computes anyway (no extra forward), equals each row
+    run ALONE (unpadded) through both teachers with full logits."""
+    from aligndistil.model.loading import load_causal_lm, load_tokenizer
+    from aligndistil.train.methods import StepContext, get_method
+
+    tok = load_tokenizer(tiny_ws["model"])
+    policy, dpo, rev = (load_causal_lm(tiny_ws[k]) for k in ("model", "model2", "model"))
+    cfg = MethodConfig(name="aligndistil", mode="on_policy", teacher="constant", alpha=1.25, beta=0.08, beta0=0.1,
+                       max_new_tokens=6)
+    method = get_method(cfg)
+    ctx = StepContext(policy=policy, frozen={"dpo_model": dpo, "reverse_dpo_model": rev}, cfg=cfg,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, loss_path=loss_path, tokenizer=tok)
+    torch.manual_seed(0)
+    pad = tok.pad_token_id
+    prompts = {"prompt_input_ids": torch.tensor([[pad, pad, 5, 6], [7, 8, 9, 10], [pad, 11, 12, 13]]),
+               "prompt_attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])}
+    batch = method.prepare(ctx, prompts)
+    _, metrics = method.loss(ctx, batch)
+
+    def logp_alone(model, b):
+        keep = batch["attention_mask"][b].bool()
+        ids, resp = batch["input_ids"][b][keep], batch["response_mask"][b][keep].bool()
+        with torch.no_grad():
+            lp = model(ids[None]).logits[0].double().log_softmax(-1)
+        return sum(float(lp[j - 1, ids[j]]) for j in range(1, len(ids)) if resp[j])
+
+    for b in range(3):
+        want = 0.1 * (logp_alone(dpo, b) - logp_alone(rev, b))
+        n = int(batch["response_mask"][b].sum())
+        assert float(metrics["reward/contrastive"][b]) == pytest.approx(want, abs=1e-4)
+        assert float(metrics["reward/contrastive_per_token"][b]) == pytest.approx(want / n, abs=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -118,3 +119,52 @@ def test_plain_loss_path_reads_the_cache_too(tiny_ws, tmp_path):
                            [*EXACT, "train.loss_path=plain", f"train.teacher_cache={cache}"])).train()
     assert losses(out) == pytest.approx(losses(ref), abs=1e-6)
     assert torch.is_tensor(torch.zeros(1))
+
+
+def _edit_manifest(cache, change):
+    m = json.loads((cache / "manifest.json").read_text())
+    change(m)
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+def _cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda c: _cut(c / "manifest.json"), r"manifest\.json is not valid JSON"),
+    (lambda c: (c / "manifest.json").write_text('{"fingerprint": {}}'), r"manifest\.json has no valid 'roles'"),
+    (lambda c: _cut(c / "dpo_model.response.bin", 0.9), r"dpo_model\.response\.bin has \d+ bytes, the manifest implies"),
+    (lambda c: (c / "tvd.response.bin").unlink(), r"tvd\.response\.bin is missing"),
+    (lambda c: _cut(c / "head.reverse_dpo_model.safetensors", 0.5), r"head\.reverse_dpo_model\.safetensors cannot be read"),
+    (lambda c: (c / "head.dpo_model.safetensors").write_bytes(b"\0" * 64), r"head\.dpo_model\.safetensors cannot be read"),
+    (lambda c: _edit_manifest(c, lambda m: m["streams"]["response"].pop()), r"malformed row offsets for stream 'response'"),
+], ids=["manifest-cut", "manifest-keys", "rows-cut", "tvd-missing", "head-cut", "head-garbled", "offsets"])
+def test_a_damaged_cache_file_is_named_with_how_to_rebuild(tiny_ws, tmp_path, capsys, damage, match):
+    """A cache cut short (a killed copy, a full disk) or edited is refused before training,
+    naming the file and saying how to rebuild it; exit 2; the cache is left as it was."""
+    from aligndistil.cli import main
+    from aligndistil.config import dump_config
+
+    cache = tmp_path / "cache"
+    base = [*EXACT, "train.max_steps=1", f"train.teacher_cache={cache}"]
+    Trainer(make_cfg(tiny_ws, tmp_path / "a", "aligndistil", base)).train()  # adaptive: dpo + reverse + tvd
+    damage(cache)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    cfg = make_cfg(tiny_ws, tmp_path / "b", "aligndistil", base)
+    with pytest.raises(TeacherCacheError) as info:
+        Trainer(cfg).train()
+    msg = str(info.value)
+    assert str(cache) in msg and f"Delete {cache} (it is rebuilt on the next run)" in msg
+    assert "is damaged" in msg and re.search(match, msg), msg
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "b" / "COMPLETE.json").exists()
+    # The command line: one line, exit 2, no traceback.
+    yaml_cfg = tmp_path / "b.yaml"
+    yaml_cfg.write_text(dump_config(cfg))
+    capsys.readouterr()
+    assert main(["train", "-c", str(yaml_cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(cache) in err
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before, "a damaged cache is never rewritten"

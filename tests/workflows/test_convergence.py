@@ -70,3 +70,24 @@ def test_steps_to_reach_and_the_speed_up_by_hand(tmp_path):
     s2 = summarise(runs, smooth=2)
     assert s2["target"] == pytest.approx(0.25) and s2["methods"]["aligndistil"]["steps_to_target"] == 3
     assert s2["methods"]["aligndistil"]["x_faster"] == pytest.approx(4 / 3)
+
+
+@pytest.mark.parametrize("make, args, says", [
+    (lambda d: "", [], "holds no prompts"),
+    (lambda d: "one\ntwo\nthree\n", ["--batch-size", "4"], "3 prompts (of at most --max-prompts 8) are fewer than "
+                                                            "one batch of --batch-size 4"),
+    (lambda d: "one\ntwo\n", ["--batch-size", "2", "--steps", "0"], "--steps must be a positive whole number"),
+    (lambda d: "one\ntwo\n", ["--batch-size", "2", "train.no_such_key=1"], "no_such_key"),
+])
+def test_bad_study_settings_stop_with_exit_2_before_anything_is_written(tmp_path, make, args, says):
+    """An empty prompt set, fewer prompts than a batch, a bad count or a bad run override: each
+    named, exit code 2, before any model loads and before the output folder exists."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(make(tmp_path))
+    out = tmp_path / "study"
+    res = subprocess.run([sys.executable, "-m", "aligndistil", "study", "convergence", "--prompts", str(prompts),
+                          "--out", str(out), "--no-progress", "--max-prompts", "8", *args],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-2000:]
+    assert says in res.stderr, res.stderr[-2000:]
+    assert not out.exists()

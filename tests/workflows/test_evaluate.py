@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+from aligndistil.data import DataError
 from aligndistil.workflows.evaluate import (
     EvalError,
     EvalSettings,
@@ -198,3 +199,62 @@ def test_settings_as_keywords_or_dataclass(tmp_path):
     rec = s.record(["a", "b"])
     assert rec["prompts"] == "2 prompts" and rec["n_prompts"] == 2 and rec["kl_estimator_unbiased"] is False
 
+
+
+# ---------------------------------------------------------------- issue 16 items 5-7, issue 10
+def test_table_shows_tokenwise_kl_with_the_monte_carlo_estimate_beside():
+    from aligndistil.workflows.eval_report import KL_FOOTER, format_table
+
+    settings = EvalSettings(reference="r", prompts="p.txt").record(["a", "b"], "chat template applied to every prompt")
+    model = {"reward_mean": 0.5, "reward_ci95": 0.1, "length_mean": 7.0, "distinct_2": 0.9,
+             "kl_ref": -0.06, "kl_ref_tokenwise": 0.0412, "kl_dpo": 0.31, "kl_dpo_tokenwise": 0.2}
+    md = format_table({"settings": settings, "models": {"m": model}})
+    assert "| model | reward (95% CI) | KL to ref | (MC) | KL to DPO | (MC) | length | distinct-2 |" in md
+    assert "| m | +0.500 ± 0.100 | 0.04 | -0.06 | 0.20 | 0.31 | 7.0 | 0.900 |" in md
+    assert KL_FOOTER in md and "never negative" in KL_FOOTER and "can come out negative" in KL_FOOTER
+    assert "Prompts: chat template applied to every prompt; training follows the same rule" in md
+
+
+def test_eval_checks_inputs_and_models_before_writing_anything(tiny_ws, tmp_path, reward_module):
+    out = tmp_path / "never"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    kw = dict(reference=tiny_ws["model"], reward=f"{reward_module}:vowels", out_dir=out, max_new_tokens=3,
+              progress=False, log=lambda *a: None)
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: field 'prompt' is missing"):
+        evaluate({"m": tiny_ws["model"]}, prompts=str(bad), **kw)
+    with pytest.raises(EvalError, match=r"model 'gone' \(.*missing_model\) cannot be loaded"):
+        evaluate({"m": tiny_ws["model"], "gone": str(tmp_path / "missing_model")}, prompts=PROMPTS[:2], **kw)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a"}\n')
+    with pytest.raises(DataError, match=r"pairs\.jsonl, line 1: field 'rejected' is missing"):
+        evaluate({"m": tiny_ws["model"]}, prompts=PROMPTS[:2], pairs=str(pairs), dpo_model=tiny_ws["model"], **kw)
+    assert not out.exists()
+
+
+def test_eval_takes_training_data_prompts_rendered_by_the_training_rule(tiny_ws, tmp_path, reward_module):
+    """`--prompts pairs.jsonl` evaluates each record's prompt (not the raw JSON line), rendered
+    exactly as training renders it under the default rule, which the report states."""
+    from aligndistil.data import build_dataset
+    from aligndistil.model.loading import load_tokenizer
+    from aligndistil.workflows.evaluate import _prompt_batches
+
+    tok = load_tokenizer(tiny_ws["model"])
+    train_feats, _ = build_dataset(tiny_ws["prefs"], tok, "prompt", None, None)  # the training default
+    prompts = [json.loads(x)["prompt"] for x in open(tiny_ws["prefs"]) if x.strip()]
+    unique = list(dict.fromkeys(prompts))
+    s = EvalSettings(reference=tiny_ws["model"], prompts=unique, batch_size=len(unique))
+    (chunk, ids, att), = _prompt_batches(tok, unique, s)
+    first = {p: i for i, p in reversed(list(enumerate(prompts)))}
+    for row, (i, _) in enumerate(chunk):
+        got = ids[row][att[row].bool()].tolist()
+        assert got == train_feats[first[unique[i]]]["prompt_ids"]
+    out = tmp_path / "ev"
+    res = evaluate({"m": tiny_ws["model"]}, reference=tiny_ws["model"], prompts=str(tiny_ws["prefs"]),
+                   reward=f"{reward_module}:vowels", out_dir=out, max_new_tokens=3, plots=False,
+                   progress=False, log=lambda *a: None)
+    assert res["settings"]["n_prompts"] == len(unique)
+    assert res["settings"]["chat_template"].startswith("chat template applied to every prompt (use_chat_template=auto")
+    samples = [json.loads(x) for x in (out / "samples" / "m.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in samples] == unique
+    assert "Prompts: chat template applied" in (out / "results.md").read_text()

@@ -10,6 +10,7 @@ from aligndistil.data.records import (  # noqa: F401
     DataError,
     DataReport,
     Example,
+    HUB_PREFIX,
     Record,
     detect_format,
     load_records,
@@ -17,7 +18,9 @@ from aligndistil.data.records import (  # noqa: F401
 )
 from aligndistil.data.tokenize import (  # noqa: F401
     build_dataset,
+    chat_template_rule,
     render_prompt,
+    resolve_chat_template,
     tokenize_examples,
     truncate_feature,
 )

@@ -8,6 +8,11 @@ per line, split into train and test sets with no prompt in both. :func:`load_pro
 reads those (by the names ``"sentiment:train"`` / ``"sentiment:test"``) or any user file
 in the same format, and rejects empty lines and duplicates by file and line number,
 since either would silently skew what a run trains or is evaluated on.
+
+:func:`read_eval_prompts` is what ``aligndistil eval --prompts`` reads: a shipped set, a text
+file (one prompt per line), or a dataset in any training-data format (JSONL, a dataset
+folder or ``hub:ORG/NAME``) whose records give their prompt: ``prompt`` as a string or a
+message list, or the shared conversation before ``chosen``/``rejected``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+
 from aligndistil.errors import AlignDistilError
 
-__all__ = ["PROMPT_SETS", "PromptFileError", "load_prompts", "prompt_set_path"]
+__all__ = ["PROMPT_SETS", "DATA_SUFFIXES", "PromptFileError", "load_prompts", "prompt_set_path",
+           "read_eval_prompts", "prompt_text"]
+
+#: File suffixes read as training-data records rather than as one prompt per line.
+DATA_SUFFIXES = (".jsonl", ".json")
 
 #: Named prompt sets shipped in ``aligndistil/resources``.
 PROMPT_SETS: dict[str, str] = {
@@ -83,3 +93,55 @@ def load_prompts(path_or_split: str | os.PathLike) -> list[str]:
     if not prompts:
         raise PromptFileError(f"prompt file {label} holds no prompts")
     return prompts
+
+
+def read_eval_prompts(spec: str | os.PathLike) -> tuple[list, str]:
+    """The prompts of an evaluation, from a prompt set, a text file or a training dataset.
+
+    Args:
+        spec: a shipped set (``sentiment:test``); a ``.jsonl``/``.json`` file, a dataset
+            folder or ``hub:ORG/NAME`` in any training-data format (read with
+            :func:`aligndistil.data.records.load_records`; each record gives its prompt: a
+            string, a message list, or the conversation ``chosen``/``rejected`` share);
+            any other file is plain text, one prompt per line (:func:`load_prompts`).
+
+    Returns:
+        ``(prompts, note)``: each prompt a string or a message list, in file order, a prompt
+        repeated by several records (several pairs per prompt) kept once; ``note`` says
+        where they came from and how many repeats were dropped.
+
+    Raises:
+        PromptFileError: a text file's empty or duplicate line (by file and line).
+        FileNotFoundError, DataError: a missing file, or a record that gives no prompt
+            (by file and line, naming the field).
+    """
+    from aligndistil.data.records import HUB_PREFIX, detect_format, load_records, parse_record
+
+    text = os.fspath(spec)
+    is_data = (text.startswith(HUB_PREFIX) or Path(text).suffix.lower() in DATA_SUFFIXES
+               or Path(text).is_dir())
+    if text in PROMPT_SETS or not is_data:
+        prompts = load_prompts(spec)
+        return prompts, f"{len(prompts)} prompts, one per line of {text}"
+    records = load_records(text)
+    fmt = detect_format(records, text)
+    prompts, seen = [], set()
+    for record in records:
+        prompt = parse_record(record, fmt).prompt
+        key = repr(prompt)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+    dropped = len(records) - len(prompts)
+    note = f"{len(prompts)} prompts from the {len(records)} {fmt!r} records of {text}"
+    if dropped:
+        note += f" ({dropped} repeated prompts kept once)"
+    return prompts, note
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """The text a reward sees as the prompt: a string as is, a message list's last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]

@@ -1,7 +1,8 @@
 """Reading alignment data and validating its records: files in, :class:`Example` out.
 
-A dataset is a local JSONL file or a ``datasets`` folder written by ``save_to_disk``. Four
-record formats are understood -- preference pairs (``prompt``/``chosen``/``rejected``, as
+A dataset is a local JSONL file, a ``datasets`` folder written by ``save_to_disk``, a local
+folder of data files, or a hub dataset ``hub:ORG/NAME`` (both through
+``datasets.load_dataset``). Four record formats are understood -- preference pairs (``prompt``/``chosen``/``rejected``, as
 plain strings or chat message lists, including the "implicit prompt" form where
 ``chosen``/``rejected`` are whole conversations), unpaired KTO records
 (``prompt``/``completion``/``label``), prompt/completion SFT records and prompt-only records
@@ -28,6 +29,7 @@ __all__ = [
     "DataReport",
     "Record",
     "Example",
+    "HUB_PREFIX",
     "load_records",
     "detect_format",
     "parse_record",
@@ -43,10 +45,12 @@ KINDS = ("pairs", "unpaired", "sft", "prompt")
 FORMATS = ("pairs", "unpaired", "prompt_completion", "prompt")
 
 #: Which record formats each kind can be built from. SFT deliberately refuses unpaired
-#: data: half of it is labelled undesirable and must not be imitated.
+#: data: half of it is labelled undesirable and must not be imitated. Unpaired training
+#: (KTO) takes preference pairs too, as TRL's ``unpair_preference_dataset`` does: each pair
+#: gives one desirable (chosen) and one undesirable (rejected) example.
 ACCEPTED_FORMATS = {
     "pairs": ("pairs",),
-    "unpaired": ("unpaired",),
+    "unpaired": ("unpaired", "pairs"),
     "sft": ("pairs", "prompt_completion"),
     "prompt": FORMATS,
 }
@@ -60,7 +64,8 @@ class DataError(AlignDistilError, ValueError):
 class DataReport:
     """What happened to the records of one dataset.
 
-    ``n_read == n_kept + n_skipped_identical + n_skipped_too_long`` always holds.
+    ``n_read + n_unpaired == n_kept + n_skipped_identical + n_skipped_too_long`` always holds
+    (``n_unpaired`` is 0 unless pairs were split into KTO examples: each adds one example).
 
     Attributes:
         n_read: records read from the file.
@@ -69,9 +74,18 @@ class DataReport:
             token ids after truncation): they carry no preference signal.
         n_skipped_too_long: records skipped because the prompt left no room for even one
             response token under ``max_length``.
-        n_prompt_truncated: kept records whose prompt was left-truncated.
+        n_prompt_truncated: kept records whose prompt was cut to ``max_prompt_length``.
+        n_prompt_truncated_in_content: of those, the chat prompts cut inside their last
+            user message (its start dropped), keeping the template's framing (system
+            message, role headers, the assistant header) whole. The others were cut from
+            the left of the whole prompt (a leading BOS kept).
         n_response_truncated: kept records with at least one response right-truncated
             (a truncated response loses its final EOS).
+        n_unpaired: preference pairs split into one desirable (chosen) and one undesirable
+            (rejected) example for unpaired (KTO) training.
+        n_desirable, n_undesirable: kept unpaired examples by label (unpaired kind only).
+        chat_template: how prompts were rendered (see
+            :func:`aligndistil.data.tokenize.chat_template_rule`).
     """
 
     n_read: int = 0
@@ -79,16 +93,38 @@ class DataReport:
     n_skipped_identical: int = 0
     n_skipped_too_long: int = 0
     n_prompt_truncated: int = 0
+    n_prompt_truncated_in_content: int = 0
     n_response_truncated: int = 0
+    n_unpaired: int = 0
+    n_desirable: int = 0
+    n_undesirable: int = 0
+    chat_template: str = ""
 
     def summary(self) -> str:
         """One human-readable line, e.g. for the training log."""
-        return (
+        cut = f"truncated {self.n_prompt_truncated} prompts"
+        if self.n_prompt_truncated:
+            left = self.n_prompt_truncated - self.n_prompt_truncated_in_content
+            how = []
+            if self.n_prompt_truncated_in_content:
+                how.append(f"{self.n_prompt_truncated_in_content} inside the last user "
+                           "message, keeping the chat template's framing")
+            if left:
+                how.append(f"{left} from the left, keeping BOS")
+            cut += f" ({'; '.join(how)})"
+        out = (
             f"read {self.n_read} records, kept {self.n_kept}; "
             f"skipped {self.n_skipped_identical} identical pairs and "
-            f"{self.n_skipped_too_long} too long; truncated {self.n_prompt_truncated} "
-            f"prompts and {self.n_response_truncated} responses"
+            f"{self.n_skipped_too_long} too long; {cut} and {self.n_response_truncated} responses"
         )
+        if self.n_unpaired:
+            out += (f"; unpaired {self.n_unpaired} preference pairs into one desirable (chosen) "
+                    "and one undesirable (rejected) example each")
+        if self.n_desirable or self.n_undesirable:
+            out += f"; {self.n_desirable} desirable and {self.n_undesirable} undesirable examples"
+        if self.chat_template:
+            out += f"; {self.chat_template}"
+        return out
 
 
 @dataclass(frozen=True)
@@ -121,34 +157,71 @@ class Example:
 # --------------------------------------------------------------------------- loading
 
 
-def load_records(path: str | os.PathLike, split: str = "train") -> list[Record]:
-    """Read every record of a local JSONL file or ``save_to_disk`` dataset folder.
+#: Prefix of a dataset given by its ``datasets.load_dataset`` id: ``hub:ORG/NAME``.
+HUB_PREFIX = "hub:"
+
+#: What to do without a hub, said by every error of a hub dataset.
+NO_HUB_ROUTE = (
+    "without a hub, save the dataset once where the hub is reachable, "
+    "`datasets.load_dataset(ID, CONFIG, split=SPLIT).save_to_disk(FOLDER)`, and set "
+    "data.train_file=FOLDER (or convert it to a local JSONL file)"
+)
+
+
+def load_records(
+    path: str | os.PathLike, split: str = "train", config: str | None = None
+) -> list[Record]:
+    """Read every record of a dataset: a local JSONL file, a local dataset folder or a hub id.
 
     Args:
-        path: a JSONL file (one JSON object per line; blank lines are ignored) or a folder
-            written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
-        split: the split to take when the folder holds a ``DatasetDict``.
+        path: one of
+            - a JSONL file (one JSON object per line, UTF-8; blank lines are ignored);
+            - a folder written by ``datasets.Dataset.save_to_disk`` /
+              ``DatasetDict.save_to_disk``;
+            - any other local folder ``datasets.load_dataset`` reads (JSON/JSONL/CSV/Parquet
+              files, optionally with a README declaring configs);
+            - ``"hub:ORG/NAME"``: ``datasets.load_dataset("ORG/NAME", config, split=split)``
+              (a local folder also works after ``hub:``).
+        split: the split to take (a ``DatasetDict`` folder, a hub dataset, a data folder).
+        config: the dataset's configuration name (``load_dataset``'s ``name``) for a hub id
+            or a data folder; None for the default one.
 
     Returns:
         The records, each with a ``where`` such as ``"data.jsonl, line 3"`` or
         ``"folder (split 'train'), index 2"``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        DataError: a line is not valid JSON or not a JSON object, the folder is not a
-            saved dataset, or ``split`` is not in the ``DatasetDict``.
+        FileNotFoundError: a local ``path`` does not exist.
+        DataError: a line is not valid UTF-8 or JSON or not a JSON object (naming the file
+            and line), the folder is not a dataset, ``split`` or ``config`` is not there, or
+            a hub dataset cannot be loaded (the message says what to do without a hub).
     """
     path = os.fspath(path)
+    if path.startswith(HUB_PREFIX):
+        return _load_with_datasets(path[len(HUB_PREFIX):], path, split, config)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(
+            f"data file not found: {path} (a dataset on the hub is written hub:ORG/NAME)"
+        )
     if os.path.isdir(path):
-        return _load_saved_dataset(path, split)
+        if _is_saved_dataset(path):
+            return _load_saved_dataset(path, split)
+        return _load_with_datasets(path, path, split, config)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Read bytes and decode line by line, so that a non-UTF-8 byte is reported by its line
+    # (a text-mode read reports only a byte offset into a buffer).
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}, line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{where}: not valid UTF-8 (byte {e.start + 1} of the line is "
+                    f"0x{raw[e.start]:02x}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -157,6 +230,13 @@ def load_records(path: str | os.PathLike, split: str = "train") -> list[Record]:
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             records.append(Record(obj, where))
     return records
+
+
+def _is_saved_dataset(path: str) -> bool:
+    # The files save_to_disk writes: dataset_dict.json (DatasetDict) or state.json (Dataset).
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
+        os.path.join(path, "state.json")
+    )
 
 
 def _load_saved_dataset(path: str, split: str) -> list[Record]:
@@ -180,6 +260,35 @@ def _load_saved_dataset(path: str, split: str) -> list[Record]:
     return [Record(dict(row), f"{label}, index {i}") for i, row in enumerate(ds)]
 
 
+def _offline() -> bool:
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _load_with_datasets(source: str, label: str, split: str, config: str | None) -> list[Record]:
+    """``datasets.load_dataset(source, config, split=split)``: a hub id or a local data folder."""
+    import datasets
+
+    if not source:
+        raise DataError(f"{label}: give the dataset id after {HUB_PREFIX!r}, e.g. hub:ORG/NAME")
+    local = os.path.isdir(source)
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except ValueError as e:
+        # An unknown split or config: datasets lists the available ones in its message.
+        raise DataError(f"{label} (config {config!r}, split {split!r}): {e}") from None
+    except Exception as e:  # noqa: BLE001 - network, missing dataset, bad files: one message
+        where = f"{label}: cannot load it with datasets.load_dataset ({type(e).__name__}: {e})"
+        if local:
+            raise DataError(where) from None
+        hint = "the hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set); " if _offline() else ""
+        raise DataError(f"{where}; {hint}{NO_HUB_ROUTE}") from None
+    tag = f"{label} ({'config ' + repr(config) + ', ' if config else ''}split {split!r})"
+    return [Record(dict(row), f"{tag}, index {i}") for i, row in enumerate(ds)]
+
+
 # ---------------------------------------------------------------------------- formats
 
 
@@ -188,7 +297,7 @@ def _present(data: dict, key: str) -> bool:
     return data.get(key) is not None
 
 
-def detect_format(records: Sequence[Record]) -> str:
+def detect_format(records: Sequence[Record], source: str | os.PathLike | None = None) -> str:
     """The format of a dataset, from its first record: one of :data:`FORMATS`.
 
     A record with ``chosen`` or ``rejected`` is ``"pairs"``; with ``completion`` and
@@ -197,10 +306,12 @@ def detect_format(records: Sequence[Record]) -> str:
     :func:`parse_record`, so a mixed dataset fails on its first odd record.
 
     Raises:
-        DataError: no records, or the first record matches no format.
+        DataError: no records (naming ``source`` when given), or the first record matches
+            no format.
     """
     if not records:
-        raise DataError("the dataset has no records")
+        raise DataError(f"{os.fspath(source) + ': ' if source is not None else ''}"
+                        "the dataset has no records")
     first = records[0]
     d = first.data
     if _present(d, "chosen") or _present(d, "rejected"):

@@ -206,20 +206,22 @@ def aligndistil_loss_from_stats(
             an explicit ablation option).
         beta: the vanilla teacher (Eq. 11): its RLHF weight is the constant ``beta``, which
             is NOT ``beta0 / alpha`` for that teacher's ``alpha = beta0/beta - 1``; with
-            ``beta`` every token is weighted by ``beta`` and ``alpha/mean`` reports
-            ``beta0/beta`` (``alpha`` is not used).
+            ``beta`` every token is weighted by ``beta`` (``alpha`` is then only reported).
         tvd: ``(B, T)`` the adaptive teacher's ``TVD_t``, reported as ``tvd/mean``; or None.
 
     Returns:
         ``losses (B,)`` and detached metrics: ``teacher_kl`` (per-sequence mean of the
-        unweighted KL), ``alpha/mean`` (per-sequence mean ``alpha_t``; 1 without alpha or
-        beta), ``response_length``, and ``tvd/mean`` when ``tvd`` is given.
+        unweighted KL), ``alpha/mean`` (per-sequence mean of the teacher's ``alpha_t``, the
+        weight in ``z_dpo + alpha (z_dpo - z_neg)``: ``beta0/beta - 1`` for the vanilla
+        teacher; 1 without alpha), ``response_length``, and ``tvd/mean`` when ``tvd`` is given.
     """
     check_positive("beta0", beta0)
     weights = token_weights(alpha, beta0, weighting, mask, beta=beta)
     lengths = mask.sum(-1)
     losses = (weights * token_kl * mask).sum(-1) / lengths
-    shown = beta0 / beta if beta is not None else (1.0 if alpha is None else alpha)
+    # The teacher's own alpha, also for the vanilla teacher (whose token weight is beta, not
+    # beta0/alpha): a logged alpha must be the one that built the teacher.
+    shown = 1.0 if alpha is None else alpha
     a = torch.as_tensor(shown, dtype=mask.dtype, device=mask.device).detach()
     metrics = {
         "teacher_kl": (token_kl.detach() * mask).sum(-1) / lengths,

@@ -112,6 +112,11 @@ def dpo_loss(
     return losses, _pair_metrics(beta, pc, pr, rc, rr)
 
 
+#: ``logps`` values of :func:`ipo_loss` (``method.ipo_logps``): how per-token log-probs make
+#: the sequence log-probs inside ``h``.
+IPO_LOGPS = ("sum", "mean")
+
+
 def ipo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -121,19 +126,36 @@ def ipo_loss(
     rejected_mask: torch.Tensor | None = None,
     *,
     beta: float = 0.1,
+    logps: str = "sum",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """IPO (Azar et al. 2024, the empirical IPO loss): ``(h - 1/(2 beta))^2``, ``h = Delta_theta - Delta_ref``.
 
-    ``beta`` is IPO's regularisation ``tau`` (> 0). Log-probs are sequence SUMS, as in the
-    IPO paper (TRL averages them per token instead; that is a different loss).
+    ``beta`` is IPO's regularisation ``tau`` (> 0). ``logps`` says what ``log pi(y|x)`` is
+    inside ``Delta_m = log pi_m(y_w|x) - log pi_m(y_l|x)``:
 
-    Shapes as in :func:`dpo_loss`. Returns ``losses (B,)`` and the DPO-style metrics.
+    - ``"sum"`` (the default): the sum over response tokens, the sequence log-probability
+      ``log pi(y|x)`` of the IPO paper's formula read literally;
+    - ``"mean"``: the mean over response tokens, TRL's ``loss_type="ipo"`` (its code notes
+      that the IPO authors confirmed the mean). When both responses have ``n`` tokens this
+      is the sum form with ``h / n`` in place of ``h``; otherwise the two weigh the chosen
+      and rejected log-ratios differently.
+
+    Shapes as in :func:`dpo_loss`; ``"mean"`` needs the masks (per-token log-probs).
+    Returns ``losses (B,)`` and the DPO-style metrics, on the same (summed or averaged)
+    log-probs.
     """
     check_positive("beta", beta)
+    if logps not in IPO_LOGPS:
+        raise ValueError(f"logps must be one of {', '.join(IPO_LOGPS)}, got {logps!r}")
+    if logps == "mean" and (chosen_mask is None or rejected_mask is None):
+        raise ValueError("logps='mean' needs per-token log-probs with their masks (chosen_mask, rejected_mask)")
     pc, pr, rc, rr = _pair_logps(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         reference_rejected_logps, chosen_mask, rejected_mask,
     )
+    if logps == "mean":
+        n_c, n_r = chosen_mask.sum(-1).clamp_min(1), rejected_mask.sum(-1).clamp_min(1)
+        pc, rc, pr, rr = pc / n_c, rc / n_c, pr / n_r, rr / n_r
     h = (pc - pr) - (rc - rr)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
     return losses, _pair_metrics(beta, pc, pr, rc, rr)

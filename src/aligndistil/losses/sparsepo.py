@@ -29,6 +29,11 @@ import torch.nn as nn
 from aligndistil.losses.checks import check_mask, check_nonnegative, check_positive
 from aligndistil.losses.tdpo import pair_token_stats, token_level_dpo_from_stats
 
+#: The default of both L1 weights ``lambda_u`` and ``lambda_d`` (paper: 1e-3).
+#: ``method.lambda_u`` / ``method.lambda_d`` default to the same value: the config room
+#: cannot import this one, so tests/losses/test_sparsepo.py checks that they agree.
+L1_WEIGHT = 1e-3
+
 
 def sparsepo_loss(
     policy_chosen_logits: torch.Tensor,
@@ -45,8 +50,8 @@ def sparsepo_loss(
     rejected_kl_mask: torch.Tensor,
     *,
     beta: float = 0.1,
-    lambda_u: float = 0.0,
-    lambda_d: float = 0.0,
+    lambda_u: float = L1_WEIGHT,
+    lambda_d: float = L1_WEIGHT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SparsePO (Eq. 6): ``-log sigma(u - delta) + lambda_u ||m_u||_1 + lambda_d ||m_d||_1``.
 
@@ -63,7 +68,8 @@ def sparsepo_loss(
         chosen_reward_mask, rejected_reward_mask: ``m_u``, ``(B, Tw)`` and ``(B, Tl)``, >= 0.
         chosen_kl_mask, rejected_kl_mask: ``m_d``, same shapes, >= 0. Pass the same tensors
             as ``m_u`` for a shared mask.
-        beta: > 0.  lambda_u, lambda_d: L1 weights >= 0 (paper: 1e-3).
+        beta: > 0.  lambda_u, lambda_d: L1 weights >= 0 (default :data:`L1_WEIGHT`, the
+            paper's 1e-3, as ``method.lambda_u`` / ``method.lambda_d``).
 
     Returns:
         ``losses (B,)`` and detached metrics: TDPO's, plus ``mask/sparsity`` (share of mask
@@ -82,7 +88,7 @@ def sparsepo_loss_from_stats(
     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
     chosen_kl, rejected_kl, chosen_mask, rejected_mask,
     chosen_reward_mask, rejected_reward_mask, chosen_kl_mask, rejected_kl_mask,
-    *, beta: float = 0.1, lambda_u: float = 0.0, lambda_d: float = 0.0,
+    *, beta: float = 0.1, lambda_u: float = L1_WEIGHT, lambda_d: float = L1_WEIGHT,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`sparsepo_loss` from per-token statistics ``(B, T)`` (either producer's): checks the
     masks and weights, then TDPO's core with the masks plus the L1 terms."""

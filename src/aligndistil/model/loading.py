@@ -281,18 +281,24 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False, *, key: str | None = None):
     """Load the tokenizer of a local folder, a hub id, or ``"smollm2"``.
 
     If the tokenizer defines no pad token, its EOS token is used: batching needs one,
     and padded positions are always masked out, so its identity does not matter.
+    ``key`` (the config key of the path) is named in errors
+    (:func:`aligndistil.model.locate.locate_model`).
     """
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    from aligndistil.model.locate import locate_model, not_found
+
+    path = locate_model(name_or_path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
+        if not os.path.exists(path):
+            raise not_found(path, key, exc) from exc
         raise ModelLoadError(f"Could not load a tokenizer from {path!r}: {exc}") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -305,6 +311,7 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    key: str | None = None,
 ):
     """Load a causal LM from a local folder, a hub id, or ``"smollm2"``.
 
@@ -314,14 +321,25 @@ def load_causal_lm(
 
     Args:
         name_or_path: a folder with ``config.json`` + ``*.safetensors``, a hub id, or
-            ``"smollm2"`` for the embedded default (converted on first use).
+            ``"smollm2"`` for the embedded default (converted on first use). A LoRA
+            adapter folder loads as its base with the adapter merged in
+            (:func:`aligndistil.model.lora.load_merged`).
         dtype: parameter dtype, fp32 by default.
         trust_remote_code: allow custom modelling code shipped with the checkpoint.
         device: where to move the model; left on CPU when ``None``.
+        key: the config key of ``name_or_path``, named in errors (a path that is neither a
+            local folder nor a hub model is refused first:
+            :func:`aligndistil.model.locate.locate_model`).
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    from aligndistil.model import lora
+    from aligndistil.model.locate import locate_model, not_found
+
+    path = locate_model(name_or_path, key)
+    if lora.is_adapter_folder(path):  # a stage trained with LoRA: its adapter merged into its base
+        model = lora.load_merged(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(device) if device is not None else model
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -330,6 +348,8 @@ def load_causal_lm(
             **_dtype_kwargs(dtype),
         )
     except OSError as exc:
+        if not os.path.exists(path):
+            raise not_found(path, key, exc) from exc
         hint = ""
         if os.path.isdir(path):
             hint = (

@@ -10,6 +10,8 @@ must be masked out of both attention and loss.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -203,6 +205,16 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _kv_cache(net, out):
+    """The KV cache a forward returned, and the keyword that passes it back in.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns on every
+    call and goes away in 5.40); older versions only know ``past_key_values``."""
+    if hasattr(out, "cache") or "cache" in inspect.signature(net.forward).parameters:
+        return getattr(out, "cache", None), "cache"
+    return out.past_key_values, "past_key_values"
+
+
 def sample_with_logprobs(
     model: nn.Module,
     prompt_input_ids: torch.Tensor,
@@ -261,7 +273,7 @@ def sample_with_logprobs(
         pos = position_ids_from_mask(att)
         out = net(input_ids=prompt_input_ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
-        cache = out.past_key_values
+        cache, cache_kw = _kv_cache(net, out)
         next_pos = pos[:, -1] + 1
         done = torch.zeros(B, dtype=torch.bool, device=device)
         toks, masks, logps, all_logits = [], [], [], []
@@ -287,8 +299,8 @@ def sample_with_logprobs(
                 break
             att = torch.cat([att, (~done).long()[:, None]], dim=1)
             out = net(input_ids=nxt[:, None], attention_mask=att, position_ids=next_pos[:, None],
-                      past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                      use_cache=True, **{cache_kw: cache})
+            cache, _ = _kv_cache(net, out)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
     finally:

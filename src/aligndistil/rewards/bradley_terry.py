@@ -166,7 +166,7 @@ def train_reward_model(
     Returns:
         ``out_dir``.
     """
-    from aligndistil.data import PreferenceCollator, build_dataset
+    from aligndistil.data import PreferenceCollator, build_dataset, resolve_chat_template
     from aligndistil.model.loading import load_tokenizer
 
     if learning_rate <= 0 or batch_size <= 0:
@@ -180,7 +180,7 @@ def train_reward_model(
                                   use_chat_template=use_chat_template)
     if len(feats) < batch_size:
         raise ValueError(f"{pairs}: {len(feats)} usable pairs are fewer than one batch of {batch_size}")
-    chat = use_chat_template if use_chat_template is not None else _pairs_are_chat(pairs)
+    chat = resolve_chat_template(tok, use_chat_template) or _pairs_are_chat(pairs)  # build_dataset's rule
     log(f"[train-rm] {pairs}: {report.summary()}")
     rm = BTRewardModel(_load_body(model))
     total = steps if steps > 0 else max(1, int(math.ceil(epochs * (len(feats) // batch_size))))

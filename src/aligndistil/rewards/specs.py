@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from aligndistil.errors import AlignDistilError
@@ -112,8 +114,25 @@ class CheckedReward:
         return out
 
 
+def _add_cwd_to_path() -> None:
+    """Put the working directory on ``sys.path``, as ``python -m`` does.
+
+    The installed ``aligndistil`` script's ``sys.path`` starts with the script's own folder,
+    not the working directory, so ``my_rewards:score`` beside the user's data would not
+    import without ``PYTHONPATH=.``. (This is also why a ``module:function`` reward in a
+    config runs code from the folder the command is started in: see the README.)
+    """
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def resolve_callable(spec: str) -> Callable:
     """Import ``"package.module:attr"`` (``attr`` may be dotted) and return the object.
+
+    The module is looked up on ``sys.path`` with the working directory added (as
+    ``python -m`` does), so a reward module in the current folder imports under the
+    installed ``aligndistil`` command too.
 
     Raises:
         ValueError: the spec is malformed, the module cannot be imported, the
@@ -122,11 +141,13 @@ def resolve_callable(spec: str) -> Callable:
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path:
         raise ValueError(f"reward spec {spec!r} is not of the form 'module:function'")
+    _add_cwd_to_path()
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(
-            f"reward spec {spec!r}: cannot import module {module_name!r}: {exc}"
+            f"reward spec {spec!r}: cannot import module {module_name!r}: {exc} "
+            f"(searched sys.path and the working directory {os.getcwd()})"
         ) from exc
     for part in attr_path.split("."):
         try:

@@ -225,6 +225,20 @@ def restore_rng(saved: dict, rank: int = 0, world_size: int = 1) -> bool:
 
 
 # ----------------------------------------------------------------------------- writing
+def should_save(strategy: str, save_steps: int, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether ``checkpoint-<step>`` is written after optimizer step ``step`` (1-based).
+
+    ``train.save_strategy``: ``steps`` every ``save_steps`` steps (0: never), ``epoch`` at
+    the end of every epoch, ``no`` never. The last step writes the final model instead, so
+    it never gets a checkpoint.
+    """
+    if step >= total_steps or strategy == "no":
+        return False
+    if strategy == "epoch":
+        return step % steps_per_epoch == 0
+    return bool(save_steps) and step % save_steps == 0
+
+
 def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, keep: int, fingerprint: str) -> Path:
     """Write ``checkpoint-<step>`` (model folder, ``state`` as ``trainer_state.pt``, manifest
     last) and keep only the ``keep`` newest checkpoints of ``fingerprint``. Call it on one

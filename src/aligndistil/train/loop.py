@@ -22,12 +22,13 @@ built; then the output folder is locked and inspected, the data, models and chec
 read, and only when all of that succeeded is the folder marked as a run in progress
 (:mod:`aligndistil.train.run_folder`). A failure before that point changes nothing on disk.
 Precision, DeepSpeed and per-process seeds: :mod:`aligndistil.train.accel`.
+Evaluation on held-out examples: :mod:`~aligndistil.train.evaluation`; metrics.jsonl and the
+loggers: :mod:`~aligndistil.train.reporting`; ``push_to_hub``: :mod:`~aligndistil.train.hub`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from pathlib import Path
@@ -38,7 +39,10 @@ from aligndistil.fileio import atomic_write_text
 from aligndistil.losses import sequence_mean
 from aligndistil.train import accel as A
 from aligndistil.train import checkpoints as CK
+from aligndistil.train import evaluation as EV
 from aligndistil.train import frozen as FR
+from aligndistil.train import hub as HUB
+from aligndistil.train import reporting as R
 from aligndistil.train import run_folder as RF
 from aligndistil.train import teacher_cache as TC
 from aligndistil.train.checkpoints import COMPLETE, OutputFolderError, is_complete, save_model_folder  # noqa: F401 (re-exported)
@@ -116,12 +120,15 @@ class Trainer:
             if role != "reference" and not getattr(c.model, role):
                 raise ConfigError(f"method {self.method.name} needs model.{role}")
         check_paths(c, roles=self.method.frozen)
-        if "tensorboard" in c.train.report_to:
-            try:
-                import torch.utils.tensorboard  # noqa: F401
-            except ImportError:
-                raise ConfigError("train.report_to includes tensorboard but the tensorboard package is missing: "
-                                  "pip install tensorboard") from None
+        from aligndistil.model.locate import check_model_path  # NAME, ORG/NAME: hub ids, unless offline and uncached
+
+        for k in ("policy", "tokenizer", *self.method.frozen):
+            if getattr(c.model, k):
+                check_model_path(getattr(c.model, k), f"model.{k}")
+        FR.check_setup(c, self.method, self.accelerator)  # LoRA and the on-policy sampler
+        R.check_available(c.train.report_to)
+        EV.check_config(c, self.method)
+        HUB.check_push(c)
         if A.uses_deepspeed(self.accelerator) and self.method.make_modules:
             raise ConfigError(f"method {self.method.name} trains a second module beside the policy, which this "
                               "trainer does not support under DeepSpeed (one engine per model); use DDP or FSDP")
@@ -134,7 +141,7 @@ class Trainer:
     def setup(self) -> None:
         """Read everything the run needs (data, models, the checkpoint ``self.ckpt``); writes nothing."""
         from aligndistil import data as D
-        from aligndistil.model.loading import load_causal_lm, load_tokenizer
+        from aligndistil.model.loading import load_tokenizer
 
         cfg, acc = self.cfg, self.accelerator
         torch.manual_seed(cfg.train.seed)  # the same on every process: identical initial modules
@@ -147,7 +154,10 @@ class Trainer:
             cfg.data.train_file, self.tokenizer, self.method.batch,
             max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
             use_chat_template=cfg.data.use_chat_template, split=cfg.data.split,
+            config=cfg.data.dataset_config,
         )
+        self.features, self.eval_features = EV.split_features(cfg, self.tokenizer, self.method.batch, self.features,
+                                                              log=self._log)
         self.n_used = len(self.features)
         note = ""
         if cfg.data.max_examples is not None and cfg.data.max_examples < len(self.features):
@@ -161,17 +171,16 @@ class Trainer:
         self.start_step = 0
         ckpt = self.ckpt
         policy_path = str(ckpt / "model") if ckpt else cfg.model.policy
-        self.policy = load_causal_lm(policy_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.train.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        self.policy.config.use_cache = False
+        self.policy = FR.load_policy(cfg, policy_path, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                     log=self._log)
         self.frozen = {}
         self.cache = self._teacher_cache(dtype) if cfg.train.teacher_cache else None
         for role in self.method.frozen:
             if self.cache is not None and self.cache.has(role):
                 continue  # served from the cache: the model is not loaded
             self.frozen[role] = self._load_frozen(role, dtype)
-        self.modules = self.method.make_modules(self.policy, cfg.method) if self.method.make_modules else {}
+        self.modules = self.method.make_modules(FR.modules_source(self.policy), cfg.method) if self.method.make_modules else {}
+        self.sampler = FR.make_sampler(cfg, self.method, log=self._log)  # None: the HF sampling loop
 
         t = cfg.train
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
@@ -240,7 +249,7 @@ class Trainer:
         rng = CK.rng_state()
         ranks = gather_object([rng]) if acc.num_processes > 1 else [rng]
         acc.wait_for_everyone()
-        A.on_main(self.accelerator, lambda: CK.save_checkpoint(self.out, step, self.policy, self.tokenizer, {
+        A.on_main(self.accelerator, lambda: CK.save_checkpoint(self.out, step, FR.saveable(self.policy), self.tokenizer, {
             "step": step,
             "fingerprint": self.cfg.fingerprint(),
             "optimizer": self.optimizer.state_dict(),
@@ -282,7 +291,7 @@ class Trainer:
             all_mean=lambda x: acc.reduce(x.detach().clone(), reduction="mean") if acc.num_processes > 1 else x,
             loss_path=self.cfg.train.loss_path, chunk_size=self.chunk_size,
             compile_loss=self.cfg.train.compile_loss,
-            cache=getattr(self, "cache", None), tokenizer=self.tokenizer,
+            cache=getattr(self, "cache", None), tokenizer=self.tokenizer, sampler=getattr(self, "sampler", None),
         )
 
     def train_step(self, step: int) -> dict:
@@ -345,6 +354,8 @@ class Trainer:
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self, "sampler", None) is not None:
+            self.sampler.mark_stale()  # the engine's weights are synced before it samples again
         return float(step_loss), (None if grad_norm is None else float(grad_norm))
 
     def train(self) -> Path:
@@ -399,20 +410,25 @@ class Trainer:
             self._log("[resume] the checkpoint was written by another number of processes: sampling noise is "
                       "reseeded, so on-policy samples will differ from an uninterrupted run")
             A.seed_sampling(t.seed * 1_000_003 + self.start_step, acc.process_index)
-        metrics_path = self.out / "metrics.jsonl"
+        reporter = done = None
         try:
-            writer = self._tensorboard()
             if acc.is_main_process:
                 atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
-                CK.truncate_metrics(metrics_path, self.start_step, log=self._log)
+                CK.truncate_metrics(self.out / "metrics.jsonl", self.start_step, log=self._log)
+            reporter = R.Reporter(self.out, t.report_to, self.cfg.to_dict(), active=acc.is_main_process)
             bar = tqdm(total=self.total_steps, initial=self.start_step, desc=f"train {self.method.name}",
                        disable=not (t.progress_bar and acc.is_main_process), dynamic_ncols=True)
-            done = self._loop(bar, metrics_path, writer)
+            done = self._loop(bar, reporter)
         except OSError as e:  # a write the checkpoint savers do not wrap: metrics.jsonl, config.yaml
             raise OutputFolderError(f"cannot write to {self.out}: {e}; {self._resume_hint()}") from e
+        finally:
+            if reporter is not None:
+                reporter.close(failed=done is None)
+        if t.push_to_hub:  # last: the folder is complete and the loggers' files are closed
+            A.on_main(acc, lambda: HUB.push_folder(self.out, t.hub_model_id, t.hub_private_repo, log=self._log))
         return done
 
-    def _loop(self, bar, metrics_path: Path, writer) -> Path:
+    def _loop(self, bar, reporter: R.Reporter) -> Path:
         acc, t = self.accelerator, self.cfg.train
         started = time.time()
         for step in range(self.start_step, self.total_steps):
@@ -429,28 +445,26 @@ class Trainer:
                 self._log(f"[loss path] {self.loss_path}")
             m["step"] = step + 1
             m["epoch"] = (step + 1) / self.steps_per_epoch
-            if acc.is_main_process and ((step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps):
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if writer:
-                    for k, v in m.items():
-                        if k != "step":
-                            writer.add_scalar(k, v, step + 1)
+            evaluated = getattr(self, "eval_features", None) is not None and EV.due(step + 1, t.eval_steps,
+                                                                                     self.total_steps)
+            if evaluated:  # on every process: the eval sums are reduced over them
+                m.update(EV.evaluate(self.method, self._context(), self.eval_features, self.collator, acc,
+                                     t.per_device_batch_size, self.modules))
+            if evaluated or (step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps:
+                reporter.log(m)  # main process only
             bar.set_postfix(loss=f"{m['loss']:.4f}")
             bar.update(1)
-            if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < self.total_steps:
+            if CK.should_save(t.save_strategy, t.save_steps, step + 1, self.steps_per_epoch, self.total_steps):
                 self.save_checkpoint(step + 1)
         self.step = self.total_steps
         bar.close()
         acc.wait_for_everyone()
-        A.on_main(self.accelerator, lambda: CK.save_final(self.out, self.policy, self.tokenizer, self.modules, {
+        A.on_main(self.accelerator, lambda: CK.save_final(self.out, FR.saveable(self.policy), self.tokenizer, self.modules, {
             "fingerprint": self.fingerprint, "method": self.method.name, "steps": self.total_steps,
             "seconds": round(time.time() - started, 1), "data": {**vars(self.report), "n_used": self.n_used},
             "loss_path": getattr(self, "loss_path", self.cfg.train.loss_path),
         }))
         self._log(f"[done] {self.method.name}: {self.total_steps} steps in {time.time() - started:.1f}s -> {self.out}")
-        if writer:
-            writer.close()
         acc.wait_for_everyone()
         return self.out
 
@@ -466,13 +480,6 @@ class Trainer:
         models = {"policy": self.policy, **self.frozen}
         off = [role for role, m in models.items() if uses_linear_head(m) is False]
         return f"plain (fallback: the logits of {', '.join(off)} are not lm_head(hidden))" if off else "fused"
-
-    def _tensorboard(self):
-        if "tensorboard" not in self.cfg.train.report_to or not self.accelerator.is_main_process:
-            return None
-        from torch.utils.tensorboard import SummaryWriter  # its presence is checked up front (_validate)
-
-        return SummaryWriter(str(self.out / "tensorboard"))
 
 
 def train(cfg: RunConfig, resume: bool = False, fingerprint: str | None = None, overwrite: bool = False) -> Path:

@@ -47,6 +47,8 @@ class StepContext:
         cache: a :class:`aligndistil.train.teacher_cache.TeacherCache` serving frozen models'
             outputs from disk (those roles are then absent from ``frozen``), or None.
         tokenizer: the policy's tokenizer (online methods decode samples for their reward).
+        sampler: the on-policy sampler when it is not our HF sampling loop (a vLLM engine,
+            :mod:`aligndistil.model.vllm_sampler`), else None.
     """
 
     policy: nn.Module
@@ -61,6 +63,7 @@ class StepContext:
     compile_loss: bool = False
     cache: object = None
     tokenizer: object = None
+    sampler: object = None
 
     @property
     def fused(self) -> bool:
@@ -96,6 +99,11 @@ class Method:
         updates: ``(ctx, micro_batches) -> [micro_batches, ...]``: the optimizer updates of one
             step, each a list of micro-batches normalised on its own (PPO: epochs x
             mini-batches over one rollout batch); None: one update of the step's batch.
+        params: the ``method.*`` keys (besides ``name``) its loss, rollout or extra modules
+            read, or None (undeclared: every key counts). A pipeline does not apply a global
+            override of any other ``method`` key to this method's stages, so such an override
+            cannot change their fingerprints (:meth:`uses`). Declare a key when in doubt: one
+            missing here that does matter would be dropped.
     """
 
     name: str
@@ -109,15 +117,31 @@ class Method:
     uncacheable: str | None = UNDECLARED
     tvd_roles: tuple[str, str] | None = None
     updates: Callable | None = None
+    params: tuple | None = None
+
+    def uses(self, key: str) -> bool:
+        """Whether a ``section.key`` setting can change this method's run: every ``data`` and
+        ``train`` key; of ``model``, the frozen roles it loads (:data:`ROLES`) and the rest; of
+        ``method``, ``name`` and its declared :attr:`params`."""
+        section, _, name = key.partition(".")
+        if section == "method":
+            return self.params is None or name == "name" or name in self.params
+        if section == "model" and name in ROLES:
+            return name in self.frozen
+        return True
 
     def count(self, batch: dict) -> int:
         """This batch's share of the optimizer step's normaliser (sequences or tokens)."""
+        return int(self.row_counts(batch).sum())
+
+    def row_counts(self, batch: dict) -> torch.Tensor:
+        """``(B,)`` each row's share of the normaliser: 1 per sequence, or its response tokens."""
         if self.normaliser == "tokens":
             key = "response_mask" if "response_mask" in batch else "chosen_response_mask"
             # response_mask marks response tokens; all of them are predicted (position 0 never is one).
-            return int(batch[key].sum())
+            return batch[key].sum(-1)
         key = "input_ids" if "input_ids" in batch else "chosen_input_ids"
-        return int(batch[key].shape[0])
+        return torch.ones(batch[key].shape[0], dtype=torch.long, device=batch[key].device)
 
 
 # --------------------------------------------------------------------------- outputs and paths
@@ -299,6 +323,8 @@ def mapo_step(ctx: StepContext, batch: dict):
 
 # --------------------------------------------------------------------------- AlignDistil
 TEACHERS = ("vanilla", "contrastive", "adaptive", "constant")
+#: The ``method.*`` constants each teacher reads (see :func:`teacher_alpha`, :func:`aligndistil_step`).
+TEACHER_PARAMS = {"vanilla": ("beta",), "contrastive": ("beta",), "adaptive": ("r", "eps"), "constant": ("alpha",)}
 MODES = ("off_policy", "on_policy")
 
 
@@ -334,13 +360,18 @@ def aligndistil_step(ctx: StepContext, batch: dict):
     hint = L.kl_row_weight(pol.mask, alpha=alpha, **weighting) if fused else {}
     produce = _pick(ctx, fused, L.aligndistil_token_stats, FL.aligndistil_token_stats, **hint)
     kl, alpha, tvd = produce(*zs, pol.mask, alpha=alpha, r=cfg.r, eps=cfg.eps, tvd=tvd)
-    return L.aligndistil_loss_from_stats(kl, pol.mask, alpha=alpha, tvd=tvd, **weighting)
+    losses, metrics = L.aligndistil_loss_from_stats(kl, pol.mask, alpha=alpha, tvd=tvd, **weighting)
+    if cfg.mode == "on_policy" and negative_role(cfg) == "reverse_dpo_model":
+        # The contrastive reward of the samples (the convergence study's metric) from the two
+        # teachers' outputs just computed: their heads' label log-probs, no further forward.
+        metrics.update(ON.contrastive_metrics(ctx, dpo, neg))
+    return losses, metrics
 
 
 def on_policy_prepare(ctx: StepContext, batch: dict) -> dict:
     """Replace a prompt batch by responses sampled from the current policy (no gradient)."""
     cfg = ctx.cfg
-    return sample_responses(
+    return (ctx.sampler.sample_responses if ctx.sampler is not None else sample_responses)(
         ctx.policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         num_samples=cfg.num_samples, eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
@@ -359,31 +390,46 @@ from aligndistil.train import online as ON  # noqa: E402
 
 _SAMPLES = ("it samples new responses from the policy every step (online RL), so the frozen models' outputs "
             "on them cannot be computed in advance")
+# The method.* keys each method reads (Method.params): sampling responses, then PPO's rollout and updates.
+_SAMPLING = ("temperature", "top_p", "max_new_tokens", "num_samples", "log_reward", "generation_backend", "vllm_mode",
+             "vllm_server_url", "vllm_gpu_memory_utilization", "vllm_importance_sampling_correction",
+             "vllm_importance_sampling_cap")
+_PPO = _SAMPLING + ("reward", "missing_eos_penalty", "kl_coef", "kl_estimator", "discount", "lam", "cliprange",
+                    "cliprange_value", "vf_coef", "ppo_epochs", "num_mini_batches", "whiten_advantages",
+                    "critic_init", "critic_learning_rate")
 _ONLINE = dict(batch="prompt", prepare=ON.ppo_rollout, make_modules=ON.make_ppo_modules, updates=ON.ppo_updates,
                uncacheable=_SAMPLES)
 
 _STATIC = {
-    "sft": Method("sft", "sft", (), "tokens", sft_loss, uncacheable=_NO_FROZEN),
+    "sft": Method("sft", "sft", (), "tokens", sft_loss, uncacheable=_NO_FROZEN, params=()),
     "dpo": Method("dpo", "pairs", ("reference",), "sequences", dpo_family_loss(L.dpo_loss, reverse="reverse"),
-                  uncacheable=None),
-    "ipo": Method("ipo", "pairs", ("reference",), "sequences", dpo_family_loss(L.ipo_loss), uncacheable=None),
+                  uncacheable=None, params=("beta", "reverse")),
+    "ipo": Method("ipo", "pairs", ("reference",), "sequences", dpo_family_loss(L.ipo_loss, logps="ipo_logps"),
+                  uncacheable=None, params=("beta", "ipo_logps")),
     "dpop": Method("dpop", "pairs", ("reference",), "sequences", dpo_family_loss(L.dpop_loss, lambda_="lambda_"),
-                   uncacheable=None),
-    "simpo": Method("simpo", "pairs", (), "sequences", simpo_step, uncacheable=_NO_FROZEN),
+                   uncacheable=None, params=("beta", "lambda_")),
+    "simpo": Method("simpo", "pairs", (), "sequences", simpo_step, uncacheable=_NO_FROZEN, params=("beta", "gamma")),
     "kto": Method("kto", "unpaired", ("reference",), "sequences", kto_step,
                   uncacheable="its KL reference point is computed on mismatched prompt/completion pairs "
-                              "that change every step"),
-    "tdpo1": Method("tdpo1", "pairs", ("reference",), "sequences", tdpo_step(1), uncacheable=None),
-    "tdpo2": Method("tdpo2", "pairs", ("reference",), "sequences", tdpo_step(2), uncacheable=None),
+                              "that change every step",
+                  params=("beta", "desirable_weight", "undesirable_weight")),
+    # TDPO1 is TDPO2's formula with alpha fixed at 1 (tdpo_loss_from_stats): method.alpha is TDPO2's only.
+    "tdpo1": Method("tdpo1", "pairs", ("reference",), "sequences", tdpo_step(1), uncacheable=None, params=("beta",)),
+    "tdpo2": Method("tdpo2", "pairs", ("reference",), "sequences", tdpo_step(2), uncacheable=None,
+                    params=("beta", "alpha")),
     "sparsepo": Method("sparsepo", "pairs", ("reference",), "sequences", sparsepo_step, make_modules=make_sparsepo_mask,
                        uncacheable="its mask network reads every layer's hidden states of the reference, "
-                                   "not only the last"),
+                                   "not only the last",
+                       params=("beta", "lambda_u", "lambda_d", "mask_shared", "mask_learning_rate",
+                               "mask_weight_decay")),
     "mapo": Method("mapo", "pairs", ("reference",), "sequences", mapo_step,
                    uncacheable="its mask reads the reference's attention and MLP activations, "
-                               "not only the last hidden state"),
+                               "not only the last hidden state",
+                   params=("beta",)),
     # PPO / RTO: one step = one rollout batch, then ppo_epochs x num_mini_batches updates (docs/online-rl.md).
-    "ppo": Method("ppo", frozen=("reference",), normaliser="tokens", loss=ON.ppo_loss, **_ONLINE),
-    "rto": Method("rto", frozen=("reference", "dpo_model"), normaliser="tokens", loss=ON.ppo_loss, **_ONLINE),
+    "ppo": Method("ppo", frozen=("reference",), normaliser="tokens", loss=ON.ppo_loss, params=_PPO, **_ONLINE),
+    "rto": Method("rto", frozen=("reference", "dpo_model"), normaliser="tokens", loss=ON.ppo_loss,
+                  params=_PPO + ("beta1", "rto_clip", "rto_recipe"), **_ONLINE),
 }
 METHOD_NAMES = tuple(_STATIC) + ("aligndistil", "reinforce")
 
@@ -399,14 +445,17 @@ def _aligndistil(cfg: MethodConfig) -> Method:
     on = cfg.mode == "on_policy"
     return Method(
         "aligndistil", "prompt" if on else "sft", ("dpo_model", negative), "sequences",
-        # On-policy, the rollout (on_policy_prepare's samples) also reports the contrastive reward.
+        # On-policy, the step also reports its rollout's metrics (rollout/ended, log_reward's).
         ON.with_rollout_metrics(aligndistil_step) if on else aligndistil_step,
-        prepare=ON.aligndistil_rollout if on else None, negative_role=negative,
+        prepare=ON.sample if on else None, negative_role=negative,
         uncacheable=_ON_POLICY if on else None,
         # With the reverse-DPO model as negative an (off-policy) cache also stores
         # TVD(pi_dpo, pi_rev): the adaptive teacher's alpha_t needs it, and one cache serves runs
         # that differ only in method.teacher, r or eps (none of them is in its fingerprint).
         tvd_roles=None if on or negative == "reference" else ("dpo_model", negative),
+        # The teacher's own constants (teacher_alpha: beta for vanilla / contrastive, alpha for
+        # constant; r, eps for adaptive), and the sampling keys when on-policy.
+        params=("mode", "teacher", "beta0", "weighting") + TEACHER_PARAMS[cfg.teacher] + (_SAMPLING if on else ()),
     )
 
 
@@ -415,7 +464,7 @@ def _reinforce(cfg: MethodConfig) -> Method:
     if cfg.level not in ON.LEVELS:
         raise ValueError(f"method.level must be one of {ON.LEVELS}, got {cfg.level!r}")
     return Method("reinforce", "prompt", ("dpo_model", "reverse_dpo_model"), "sequences", ON.reinforce_loss,
-                  prepare=ON.sample, uncacheable=_SAMPLES)
+                  prepare=ON.sample, uncacheable=_SAMPLES, params=("beta0", "beta", "baseline", "level") + _SAMPLING)
 
 
 def get_method(cfg: MethodConfig) -> Method:

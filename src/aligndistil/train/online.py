@@ -153,21 +153,15 @@ def _label_logps(ctx: StepContext, role: str | None, batch: dict) -> torch.Tenso
         return zero_off(M._logps(ctx, out)[0].float(), out.mask)
 
 
-def contrastive_metrics(ctx: StepContext, batch: dict) -> dict:
+def contrastive_metrics(ctx: StepContext, dpo, rev) -> dict:
     """``reward/contrastive`` ``r_ctr = beta0 log pi_dpo(y|x)/pi_rev(y|x)`` and
-    ``reward/contrastive_per_token`` (``r_ctr / |y|``, AlignDistil Fig. 2's y-axis), ``(B,)`` each."""
-    dpo, rev = _label_logps(ctx, "dpo_model", batch), _label_logps(ctx, "reverse_dpo_model", batch)
-    r = ctx.cfg.beta0 * (dpo - rev).sum(-1)
-    return {"reward/contrastive": r, "reward/contrastive_per_token": r / batch["response_mask"].sum(-1)}
-
-
-def aligndistil_rollout(ctx: StepContext, batch: dict) -> dict:
-    """On-policy AlignDistil's rollout: the samples, plus the contrastive reward of each when the
-    reverse-DPO model is loaded (the convergence study's metric, as for REINFORCE)."""
-    b = sample(ctx, batch)
-    if "reverse_dpo_model" in ctx.frozen:
-        b.update({METRIC + k: v for k, v in contrastive_metrics(ctx, b).items()})
-    return b
+    ``reward/contrastive_per_token`` (``r_ctr / |y|``, AlignDistil Fig. 2's y-axis), ``(B,)`` each,
+    from the DPO and reverse-DPO models' outputs on the samples (``ResponseOutputs`` a loss
+    has already computed: no further forward, only their heads' label log-probs)."""
+    with torch.no_grad():
+        dpo_lp, rev_lp = _m()._logps(ctx, dpo)[0].float(), _m()._logps(ctx, rev)[0].float()
+        r = ctx.cfg.beta0 * zero_off(dpo_lp - rev_lp, dpo.mask).sum(-1)
+        return {"reward/contrastive": r, "reward/contrastive_per_token": r / dpo.mask.sum(-1).clamp(min=1)}
 
 
 def with_rollout_metrics(loss_fn):
@@ -205,6 +199,13 @@ def ppo_rollout(ctx: StepContext, batch: dict) -> dict:
         values = zero_off(ctx.modules[CRITIC](b["input_ids"], b["attention_mask"], b["response_mask"]).float(), mask)
     advantages, returns = L.gae_advantages(rewards, values, mask, gamma=cfg.discount, lam=cfg.lam)
     b.update(old_logps=old, old_values=values, advantages=advantages, returns=returns, rollout_mask=mask)
+    if cfg.vllm_importance_sampling_correction and "sampler_logps" in b:
+        # vLLM sampled from pi_vllm, not pi_old: weight each token's policy loss (model/vllm_sampler.py).
+        from aligndistil.model.vllm_sampler import truncated_is_weight
+
+        w = truncated_is_weight(old, b["sampler_logps"][:, :old.shape[1]], mask, cfg.vllm_importance_sampling_cap)
+        b["is_weight"] = w
+        metrics["rollout/is_weight"] = (w.sum(-1) / mask.sum(-1).clamp_min(1)).detach()
     b.update({METRIC + k: v for k, v in metrics.items()})
     return b
 
@@ -257,6 +258,10 @@ def ppo_updates(ctx: StepContext, micro: list[dict]) -> list[list[dict]]:
     cfg = ctx.cfg
     if cfg.whiten_advantages:
         _whiten(micro)
+    for b in micro:
+        if "is_weight" in b:
+            # w_t >= 0 scales the clipped per-token objective: max(-A w r, -A w clip(r)) = w max(-A r, -A clip(r)).
+            b["advantages"] = b["advantages"] * b["is_weight"][:, :b["advantages"].shape[1]]
     rows = micro[0]["input_ids"].shape[0]
     k = min(cfg.num_mini_batches, rows)
     updates = []

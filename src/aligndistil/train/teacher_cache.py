@@ -255,12 +255,70 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
 
 
 # ----------------------------------------------------------------------------- reading
+# A damaged cache (a run killed while copying it, a full disk, a file cut short or edited) is
+# refused with the file it concerns, never read as if whole: sizes and structure are checked
+# on every open; the contents are not hashed (a cache can be many gigabytes), so a same-size
+# overwrite of hidden states is not noticed here (unless it makes the loss non-finite).
+def _rebuild_hint(folder: Path) -> str:
+    return f"Delete {folder} (it is rebuilt on the next run) or point train.teacher_cache elsewhere"
+
+
+def _damaged(folder: Path, what: str) -> TeacherCacheError:
+    return TeacherCacheError(f"teacher cache {folder} is damaged: {what}. {_rebuild_hint(folder)}.")
+
+
+def _read_manifest(folder: Path) -> dict:
+    """``manifest.json`` parsed and checked for the keys a reader needs."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(folder, f"{folder / MANIFEST} is not valid JSON ({e})") from None
+    need = {"fingerprint": dict, "roles": list, "streams": dict, "hidden_size": int, "vocab_size": int}
+    if not isinstance(manifest, dict):
+        raise _damaged(folder, f"{folder / MANIFEST} is not a JSON object")
+    for key, kind in need.items():
+        if not isinstance(manifest.get(key), kind):
+            raise _damaged(folder, f"{folder / MANIFEST} has no valid {key!r}")
+    return manifest
+
+
+def _open_rows(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A read-only memmap of ``path``, after checking it holds exactly ``shape`` of ``dtype``
+    (``np.memmap`` itself fails with an unnamed "mmap length" error on a short file)."""
+    want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if not path.is_file():
+        raise _damaged(path.parent, f"{path.name} is missing")
+    have = path.stat().st_size
+    if have != want:
+        raise _damaged(path.parent, f"{path.name} has {have} bytes, the manifest implies {want} "
+                                    f"({' x '.join(map(str, shape))} values of {np.dtype(dtype).name})")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+def _load_head(path: Path, shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (V, d), bias (V,) or None)`` of one cached LM head, checked against the manifest."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise _damaged(path.parent, f"{path.name} is missing")
+    try:
+        t = load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a cut or garbled file
+        raise _damaged(path.parent, f"{path.name} cannot be read ({type(e).__name__}: {e})") from None
+    weight = t.get("weight")
+    if weight is None or tuple(weight.shape) != tuple(shape):
+        got = None if weight is None else tuple(weight.shape)
+        raise _damaged(path.parent, f"{path.name} holds a weight of shape {got}, the manifest implies {tuple(shape)}")
+    return weight, t.get("bias")
+
+
 class TeacherCache:
     """A built cache, checked against this run's fingerprint, serving frozen outputs.
 
     Raises:
         TeacherCacheError: the folder is no complete cache, or it was built for other
-            weights, data, tokenisation or stored dtype (the message lists what differs).
+            weights, data, tokenisation or stored dtype (the message lists what differs),
+            or a file of it is cut short, missing or unreadable (the message names it).
     """
 
     def __init__(self, folder: str | os.PathLike, fp: dict, device: torch.device | str = "cpu"):
@@ -268,34 +326,34 @@ class TeacherCache:
         path = self.folder / MANIFEST
         if not path.is_file():
             raise TeacherCacheError(f"{self.folder} is not a complete teacher cache (no {MANIFEST})")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = _read_manifest(self.folder)
         diffs = _differences(self.manifest["fingerprint"], fp)
         if diffs:
             raise TeacherCacheError(
                 f"teacher cache {self.folder} is stale: it was built for other weights, data or settings:\n  "
-                + "\n  ".join(diffs)
-                + f"\nDelete {self.folder} (it is rebuilt on the next run) or point train.teacher_cache elsewhere.")
+                + "\n  ".join(diffs) + f"\n{_rebuild_hint(self.folder)}.")
         self.device = torch.device(device)
         self.kind = fp["kind"]
         self.roles = tuple(self.manifest["roles"])
         self.dtype, ndt = DTYPES[fp["stored_dtype"]]
         d = self.manifest["hidden_size"]
-        self.offsets = {s: np.asarray(o, dtype=np.int64) for s, o in self.manifest["streams"].items()}
+        try:
+            self.offsets = {s: np.asarray(o, dtype=np.int64) for s, o in self.manifest["streams"].items()}
+        except (TypeError, ValueError):
+            raise _damaged(self.folder, f"{MANIFEST} holds malformed row offsets") from None
+        for s, off in self.offsets.items():
+            if off.shape != (fp["n_examples"] + 1,) or off[0] != 0 or bool((np.diff(off) < 0).any()):
+                raise _damaged(self.folder, f"{MANIFEST} holds malformed row offsets for stream {s!r}")
         self._rows = {}
         for role in self.roles:
             for s, off in self.offsets.items():
-                self._rows[(role, s)] = np.memmap(self.folder / f"{role}.{s}.bin", dtype=ndt, mode="r",
-                                                  shape=(max(int(off[-1]), 1), d))
+                self._rows[(role, s)] = _open_rows(self.folder / f"{role}.{s}.bin", ndt, (max(int(off[-1]), 1), d))
         self.has_tvd = bool(self.manifest.get("tvd"))
         if self.has_tvd:
             for s, off in self.offsets.items():
-                self._rows[("tvd", s)] = np.memmap(self.folder / f"tvd.{s}.bin", dtype=np.float32, mode="r",
-                                                   shape=(max(int(off[-1]), 1),))
-        from safetensors.torch import load_file
-        self.heads = {}
-        for role in self.roles:
-            t = load_file(str(self.folder / f"head.{role}.safetensors"), device=str(self.device))
-            self.heads[role] = (t["weight"], t.get("bias"))
+                self._rows[("tvd", s)] = _open_rows(self.folder / f"tvd.{s}.bin", np.float32, (max(int(off[-1]), 1),))
+        self.heads = {role: _load_head(self.folder / f"head.{role}.safetensors", (self.vocab_size, d), self.device)
+                      for role in self.roles}
 
     @property
     def vocab_size(self) -> int:

@@ -37,9 +37,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aligndistil.errors import AlignDistilError
 from aligndistil.fileio import atomic_write_text
 
-__all__ = ["METHODS", "StudySettings", "TINY", "run_convergence", "summarise"]
+__all__ = ["METHODS", "StudyError", "StudySettings", "TINY", "check_settings", "run_convergence", "summarise"]
+
+
+class StudyError(AlignDistilError, ValueError):
+    """A study setting that cannot work (exit code 2), found before any model loads or folder is made."""
 
 #: name -> (label, method overrides); the study's reward metric and its ground truth.
 METHODS = {
@@ -111,7 +116,7 @@ def _teachers(s: StudySettings, progress: bool, log) -> tuple[str, str, str]:
     """``(policy, dpo, reverse_dpo)``: given, the quickstart's finished ones, or trained as it trains them."""
     from aligndistil.train.checkpoints import is_complete
     from aligndistil.workflows.pipeline import run_pipeline
-    from aligndistil.workflows.quickstart import _prefs, default_config, load_quickstart, write_pipeline
+    from aligndistil.workflows.quickstart import default_config, load_quickstart, prefs, write_pipeline
 
     spec, _ = load_quickstart(s.quickstart_config or default_config())
     policy = s.policy or spec["base"]["model"]["policy"]
@@ -123,26 +128,52 @@ def _teachers(s: StudySettings, progress: bool, log) -> tuple[str, str, str]:
         return policy, str(qs / "dpo"), str(qs / "reverse_dpo")
     stages = {st.get("name"): st for st in spec["stages"]}
     if not {"dpo", "reverse_dpo"} <= set(stages):
-        raise ValueError(f"{spec['_source']} has no dpo and reverse_dpo stages to train the teachers with")
+        raise StudyError(f"{spec['_source']} has no dpo and reverse_dpo stages to train the teachers with")
     log(f"[study] training the teachers as the quickstart does, into {qs}")
     spec["stages"] = [stages["dpo"], stages["reverse_dpo"]]
-    pairs = _prefs(spec, "prefs", qs, policy, progress, log)
+    pairs = prefs(spec, "prefs", qs, policy, progress, log)
     pipe = write_pipeline(spec, pairs, Path(s.out_dir) / "teachers_pipeline.yaml")
     dpo, rev = run_pipeline(pipe, [] if progress else ["train.progress_bar=false"], log=log)
     return policy, str(dpo), str(rev)
 
 
-def _prompt_file(s: StudySettings, source: Path | None) -> Path:
-    """The study's prompts as ``{"prompt": [user message]}`` JSONL (the runs' train_file)."""
+def _prompts(s: StudySettings, source: Path | None) -> list[str]:
+    """The study's prompts: the first ``max_prompts`` of ``s.prompts`` (tiny: of the synthetic pairs)."""
     if source is not None:  # tiny: the prompts of the synthetic pairs
         prompts = list(dict.fromkeys(json.loads(x)["prompt"] for x in source.read_text().splitlines() if x.strip()))
+        label = str(source)
     else:
         from aligndistil.data.prompt_sets import load_prompts
 
-        prompts = load_prompts(s.prompts)
+        prompts, label = load_prompts(s.prompts), f"--prompts {s.prompts}"
     prompts = prompts[: s.max_prompts]
     if len(prompts) < s.batch_size:
-        raise ValueError(f"{s.prompts}: {len(prompts)} prompts are fewer than one batch of {s.batch_size}")
+        raise StudyError(f"{label}: {len(prompts)} prompts (of at most --max-prompts {s.max_prompts}) are fewer "
+                         f"than one batch of --batch-size {s.batch_size}")
+    return prompts
+
+
+def check_settings(s: StudySettings) -> None:
+    """Refuse settings that cannot work, naming the option, before anything loads or is written:
+    no seed, fewer than one step, non-positive sizes or learning rate, a prompt set smaller than a batch."""
+    if not s.seeds:
+        raise StudyError("--seeds: the study needs at least one seed")
+    for flag, value in (("--steps", s.steps), ("--batch-size", s.batch_size), ("--max-new-tokens", s.max_new_tokens),
+                        ("--max-prompts", s.max_prompts), ("--smooth", s.smooth)):
+        if not isinstance(value, int) or value < 1:
+            raise StudyError(f"{flag} must be a positive whole number, got {value!r}")
+    for flag, value in (("--lr", s.learning_rate), ("--beta", s.beta)):
+        if not value > 0:
+            raise StudyError(f"{flag} must be > 0, got {value!r}")
+    if not s.tiny:
+        _prompts(s, None)
+    for method in METHODS:  # every run's config, section.key=value overrides included, before any work
+        run_config(s, method, s.seeds[0], "policy", "dpo", "reverse_dpo", Path(s.out_dir) / "prompts.jsonl")
+
+
+def _prompt_file(s: StudySettings, source: Path | None) -> Path:
+    """The study's prompts as ``{"prompt": [user message]}`` JSONL (the runs' train_file)."""
+    prompts = _prompts(s, source)
     lines = [json.dumps({"prompt": [{"role": "user", "content": p}]}) for p in prompts]
     return atomic_write_text(Path(s.out_dir) / "prompts.jsonl", "\n".join(lines) + "\n")
 
@@ -238,9 +269,9 @@ def format_table(summary: dict) -> str:
 
 def plot_curves(runs: dict[str, list[Path]], key: str, ylabel: str, path: Path, title: str) -> Path:
     """Mean over seeds per step, a band from the lowest to the highest seed (AlignDistil Fig. 2's style)."""
-    from aligndistil.workflows.plots import _atomic_savefig, _pyplot
+    from aligndistil.workflows.plots import atomic_savefig, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for j, (method, per_seed) in enumerate(_curves(runs, key).items()):
         per_seed = [c for c in per_seed if c]
@@ -257,7 +288,7 @@ def plot_curves(runs: dict[str, list[Path]], key: str, ylabel: str, path: Path, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     try:
-        return _atomic_savefig(fig, path)
+        return atomic_savefig(fig, path)
     finally:
         plt.close(fig)
 
@@ -265,8 +296,7 @@ def plot_curves(runs: dict[str, list[Path]], key: str, ylabel: str, path: Path, 
 def run_convergence(settings: StudySettings | None = None, *, progress: bool = True, log=print) -> dict:
     """Run (or finish) the study and write its table and plots; returns the summary."""
     s = settings or StudySettings()
-    if len(s.seeds) < 1 or s.steps < 1:
-        raise ValueError("the study needs at least one seed and one step")
+    check_settings(s)
     started = time.time()
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,13 +21,20 @@ prompts: generate, KL, score; then write):
   samples are drawn at temperature 1 without top-p, which is the default; results record
   the sampling settings. The exact per-token form,
   ``mean_y sum_t KL(pi(.|s_t) || pi_other(.|s_t))``, estimates the same quantity with less
-  variance and is reported beside it (``*_tokenwise``);
+  variance and is never negative: it is the table's KL column, with the Monte-Carlo one beside
+  it (``kl_<role>`` and ``kl_<role>_tokenwise`` in ``results.json`` and the samples);
 * score: the ground-truth reward scores each response;
 * write: each model's summary and samples; then, on held-out preference pairs, the share
   ranked correctly by the DPO reward ``beta0 log pi_dpo/pi_ref``, the contrastive reward
   ``beta0 log pi_dpo/pi_rev`` and, if given, a reward model; then the report.
 
-Outputs in ``out_dir``: ``results.json``, ``results.md`` (the tables), ``samples/<name>.jsonl``
+Prompts (:func:`aligndistil.data.prompt_sets.read_eval_prompts`) come from a shipped set, a
+text file or any training-data file; they are rendered by the rule training uses
+(:func:`aligndistil.data.tokenize.resolve_chat_template`: by default the chat template when
+the reference's tokenizer has one), stated in the report. Every input is checked and every
+model loaded before anything is written.
+
+Outputs in ``out_dir`` (:mod:`aligndistil.workflows.eval_report`): ``results.json``, ``results.md`` (the tables), ``samples/<name>.jsonl``
 (every response with its reward and KL terms) and PNG plots (:mod:`aligndistil.workflows.plots`).
 """
 
@@ -35,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -46,6 +52,7 @@ import torch
 from aligndistil.errors import AlignDistilError
 from aligndistil.fileio import atomic_write_text
 from aligndistil.losses.ops import label_logps
+from aligndistil.workflows.eval_report import format_table, run_info, write_report
 from aligndistil.workflows.eval_metrics import (  # noqa: F401  (re-exported: the judge and tests import them here)
     distinct_n,
     implicit_rewards,
@@ -133,13 +140,17 @@ class EvalSettings:
         reference: ``pi_ref`` (KL anchor; its tokenizer renders the prompts).
         dpo_model, reverse_dpo_model: ``pi_dpo`` (KL to DPO, DPO reward) and ``pi_rev``
             (contrastive reward); either may be None.
-        prompts: test prompts (a file or shipped set, or the list itself).
+        prompts: test prompts: a shipped set, a text file (one per line), a training-data
+            file, folder or ``hub:ORG/NAME`` (each record's prompt), or the list itself
+            (strings or message lists).
         reward: ground-truth reward spec (:func:`aligndistil.rewards.get_reward`).
         pairs: held-out preference pairs (JSONL) for reward accuracy.
         reward_model: a reward spec (e.g. ``bt:<folder>``) whose accuracy on ``pairs`` to report.
         beta0: the DPO models' beta (scales the implicit rewards; accuracy does not depend on it).
         max_new_tokens, temperature, top_p, seed, num_samples, batch_size: generation.
-        use_chat_template: render prompts as one user message with the chat template.
+        use_chat_template: None (auto: the chat template when the reference's tokenizer has
+            one, a string prompt as one user message), True or False: training's rule
+            (:func:`aligndistil.data.tokenize.resolve_chat_template`).
         plots: write the PNG plots.
         runs: training-run folders (name -> folder with metrics.jsonl) for the training-curve
             plot; default: the evaluated models' folders that have one.
@@ -148,7 +159,7 @@ class EvalSettings:
     reference: str
     dpo_model: str | None = None
     reverse_dpo_model: str | None = None
-    prompts: str | list[str] = "sentiment:test"
+    prompts: str | list = "sentiment:test"
     reward: str = "vader"
     pairs: str | None = None
     reward_model: str | None = None
@@ -159,78 +170,19 @@ class EvalSettings:
     seed: int = 1234
     num_samples: int = 1
     batch_size: int = 42
-    use_chat_template: bool = True
+    use_chat_template: bool | None = None
     plots: bool = True
     runs: dict[str, str] | None = None
 
-    def record(self, prompt_list: list[str]) -> dict:
-        """The ``settings`` section of ``results.json``."""
-        return {"prompts": self.prompts if isinstance(self.prompts, str) else f"{len(prompt_list)} prompts",
+    def record(self, prompt_list: list, chat_template: str = "") -> dict:
+        """The ``settings`` section of ``results.json`` (``chat_template``: how prompts were rendered)."""
+        return {"chat_template": chat_template,"prompts": self.prompts if isinstance(self.prompts, str) else f"{len(prompt_list)} prompts",
                 "n_prompts": len(prompt_list), "reward": str(self.reward), "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "num_samples": self.num_samples, "use_chat_template": self.use_chat_template,
                 "reference": self.reference, "dpo_model": self.dpo_model,
                 "reverse_dpo_model": self.reverse_dpo_model, "beta0": self.beta0,
                 "kl_estimator_unbiased": self.temperature == 1.0 and self.top_p == 1.0}
-
-
-# ---------------------------------------------------------------------------- report
-def _run_info(path: str) -> dict:
-    """What a model folder says about its training run (config.yaml, COMPLETE.json)."""
-    info: dict = {}
-    p = Path(path)
-    cfg = p / "config.yaml"
-    if cfg.is_file():
-        import yaml
-
-        try:
-            c = yaml.safe_load(cfg.read_text()) or {}
-            m = c.get("method", {})
-            info = {"method": m.get("name"), "beta": m.get("beta"), "reverse": m.get("reverse"),
-                    "mode": m.get("mode"), "teacher": m.get("teacher"), "r": m.get("r")}
-        except Exception:  # noqa: BLE001 - a broken config only loses the label
-            info = {}
-    done = p / "COMPLETE.json"
-    if done.is_file():
-        try:
-            d = json.loads(done.read_text())
-            info.update(steps=d.get("steps"), train_seconds=d.get("seconds"))
-        except json.JSONDecodeError:
-            pass
-    return {k: v for k, v in info.items() if v is not None}
-
-
-def _fmt(x, nd=3, sign=False):
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if round(x, nd) == 0:
-        x = 0.0  # no "-0.00" for a Monte-Carlo estimate that rounds to zero
-    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
-
-
-def format_table(results: dict) -> str:
-    """The Markdown tables of a results dict (models, then held-out reward accuracy)."""
-    s = results["settings"]
-    lines = [
-        f"Ground truth: `{s['reward']}` on {s['n_prompts']} prompts of `{s['prompts']}` x {s['num_samples']} "
-        f"sample(s), {s['max_new_tokens']} new tokens, T={s['temperature']}, top-p={s['top_p']}, seed {s['seed']}.",
-        "",
-        "| model | reward (95% CI) | KL to ref | KL to DPO | length | distinct-2 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in results["models"].items():
-        lines.append(
-            f"| {name} | {_fmt(r['reward_mean'], sign=True)} ± {_fmt(r['reward_ci95'])} | {_fmt(r.get('kl_ref'), 2)} "
-            f"| {_fmt(r.get('kl_dpo'), 2)} | {_fmt(r['length_mean'], 1)} | {_fmt(r['distinct_2'])} |")
-    acc = results.get("reward_accuracy")
-    if acc:
-        lines += ["", f"Reward accuracy on {acc['n_pairs']} held-out pairs (`{acc['pairs']}`):", "",
-                  "| reward | accuracy |", "|---|---|"]
-        for key, label in (("dpo", "DPO reward β0·log π_dpo/π_ref"), ("contrastive", "contrastive β0·log π_dpo/π_rev"),
-                           ("reward_model", f"reward model `{acc.get('reward_model_spec')}`")):
-            if acc.get(key) is not None:
-                lines.append(f"| {label} | {acc[key]:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- stages
@@ -265,7 +217,7 @@ class _Run:
     """What every model's evaluation shares."""
 
     s: EvalSettings
-    prompt_list: list[str]
+    prompt_list: list  # strings or message lists
     tok: object
     batches: list  # [(rows [(prompt index, sample index)], ids (B, Lp), att (B, Lp))], LEFT-padded
     reward_fn: object
@@ -274,11 +226,17 @@ class _Run:
     bar: object
 
 
-def _prompt_batches(tok, prompt_list: list[str], s: EvalSettings) -> list:
+def _prompt_batches(tok, prompt_list: list, s: EvalSettings) -> list:
     from aligndistil.data.collate import pad_with_mask
+    from aligndistil.data.tokenize import resolve_chat_template
     from aligndistil.model.sampling import encode_prompts
 
-    enc = encode_prompts(tok, prompt_list, s.use_chat_template)
+    chat = resolve_chat_template(tok, s.use_chat_template)
+    if not chat and any(not isinstance(p, str) for p in prompt_list):
+        raise EvalError("eval: the prompts include message lists, which need the chat template, but "
+                        + ("--no-chat-template is set" if s.use_chat_template is False
+                           else f"the reference's tokenizer ({s.reference}) has none"))
+    enc = encode_prompts(tok, prompt_list, chat)
     rows = [(i, k) for i in range(len(prompt_list)) for k in range(s.num_samples)]
     batches = []
     for b0 in range(0, len(rows), s.batch_size):
@@ -318,8 +276,10 @@ def _kl_terms(lm, run: _Run, ids, att, g: dict) -> dict[str, torch.Tensor]:
 
 def _score(run: _Run, name: str, chunk, texts: list[str]) -> list[float]:
     """Score: the ground-truth reward of each response (a failing reward stops the run)."""
+    from aligndistil.data.prompt_sets import prompt_text
+
     try:
-        return run.reward_fn([run.prompt_list[i] for i, _ in chunk], texts)
+        return run.reward_fn([prompt_text(run.prompt_list[i]) for i, _ in chunk], texts)
     except Exception as e:  # RewardError, or ValueError for NaN / wrong count
         run.bar.close()
         raise EvalError(f"eval: scoring model {name!r}'s responses failed: {e}; no results.json was written") from e
@@ -361,24 +321,9 @@ def _summarise(path: str, records: list[dict], roles, t0: float) -> dict:
         m, h = mean_ci95([r[f"kl_{role}"] for r in records])
         res[f"kl_{role}"], res[f"kl_{role}_ci95"] = m, h
         res[f"kl_{role}_tokenwise"] = mean_ci95([r[f"kl_{role}_tokenwise"] for r in records])[0]
-    res["run"] = _run_info(str(path))
+    res["run"] = run_info(str(path))
     res["seconds"] = round(time.time() - t0, 1)
     return res
-
-
-def _write_report(results: dict, out_dir: Path, s: EvalSettings) -> None:
-    """Write (2): plots, results.md, and last (it marks the report complete) results.json."""
-    if s.plots:
-        from aligndistil.workflows.plots import plot_frontier, plot_training_curves
-
-        results["plots"] = {"frontier": str(plot_frontier(results, out_dir / "frontier.png"))}
-        folders = s.runs if s.runs is not None else {n: r["path"] for n, r in results["models"].items()}
-        curves = {n: Path(p) / "metrics.jsonl" for n, p in folders.items() if (Path(p) / "metrics.jsonl").is_file()}
-        if curves:
-            results["plots"]["training_curves"] = str(plot_training_curves(curves, out_dir / "training_curves.png"))
-            results["plots"]["training_curve_runs"] = list(curves)
-    atomic_write_text(out_dir / "results.md", format_table(results))
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, out_dir: str | os.PathLike,
@@ -396,13 +341,18 @@ def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, ou
         The results dict also written to ``results.json``.
 
     Raises:
-        EvalError: a reward failed or returned NaN, or a model's vocabulary does not match
-            the reference's (messages name the model); results.json is then not written.
+        EvalError: a reward failed or returned NaN, a model cannot be loaded, or a model's
+            vocabulary does not match the reference's (messages name the model);
+            results.json is then not written.
+        PromptFileError, DataError, FileNotFoundError: bad prompts or pairs (by file and
+            line), raised before any model loads and before ``out_dir`` is created.
         TypeError: a keyword that is not an :class:`EvalSettings` field, or no ``reference``.
     """
     from tqdm.auto import tqdm
 
-    from aligndistil.data.prompt_sets import load_prompts
+    from aligndistil.data import build_dataset
+    from aligndistil.data.prompt_sets import read_eval_prompts
+    from aligndistil.data.tokenize import chat_template_rule
     from aligndistil.model.loading import load_tokenizer
     from aligndistil.rewards import get_reward
 
@@ -411,20 +361,30 @@ def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, ou
         raise ValueError("evaluate needs at least one model")
     if s.pairs is not None and not Path(s.pairs).is_file():
         raise FileNotFoundError(f"held-out pairs file not found: {s.pairs}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").unlink(missing_ok=True)  # never leave an old report beside new samples
+    # Inputs first, then the models; nothing is written until all of them have loaded.
     started = time.time()
-    prompt_list = load_prompts(s.prompts) if isinstance(s.prompts, (str, os.PathLike)) else list(s.prompts)
+    if isinstance(s.prompts, (str, os.PathLike)):
+        prompt_list, note = read_eval_prompts(s.prompts)
+        log(f"[eval] prompts: {note}")
+    else:
+        prompt_list = list(s.prompts)
     reward_fn = get_reward(s.reward)
     tok = load_tokenizer(s.reference)
     batches = _prompt_batches(tok, prompt_list, s)
+    if s.pairs is not None:  # the same check the pairs get later, before any model loads
+        build_dataset(s.pairs, tok, "pairs", None, None, use_chat_template=s.use_chat_template)
     pool = _Models()
     ref_lm = pool.get(s.reference)
     others = {"ref": ref_lm}
     if s.dpo_model:
         others["dpo"] = pool.get(s.dpo_model)
-    results = {"settings": s.record(prompt_list), "models": {}}
+    _check_loadable({**models, "--reverse-dpo-model": s.reverse_dpo_model})
+    rule = chat_template_rule(tok, s.use_chat_template)
+    log(f"[eval] prompts: {rule}")
+    results = {"settings": s.record(prompt_list, rule), "models": {}}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").unlink(missing_ok=True)  # never leave an old report beside new samples
     (out_dir / "samples").mkdir(exist_ok=True)
     bar = tqdm(total=len(models) * len(prompt_list) * s.num_samples, desc="eval", unit="sample",
                disable=not progress, dynamic_ncols=True)
@@ -438,32 +398,50 @@ def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, ou
         if not any(lm is o for o in others.values()):
             pool.release(path)  # the KL anchors stay loaded for the next model
         del lm
-        log(f"[eval] {name}: reward {res['reward_mean']:+.3f} ± {res['reward_ci95']:.3f}, KL to ref {res['kl_ref']:.2f}"
-            + (f", KL to DPO {res['kl_dpo']:.2f}" if "kl_dpo" in res else "")
+        kl = [f"KL to {r} {res[f'kl_{r}_tokenwise']:.2f} (MC {res[f'kl_{r}']:.2f})" for r in ("ref", "dpo")
+              if f"kl_{r}" in res]
+        log(f"[eval] {name}: reward {res['reward_mean']:+.3f} ± {res['reward_ci95']:.3f}, " + ", ".join(kl)
             + f", length {res['length_mean']:.1f}, distinct-2 {res['distinct_2']:.3f} ({res['seconds']} s)")
     bar.close()
 
     if s.pairs is not None:
         results["reward_accuracy"] = _pair_accuracy(s.pairs, tok, ref_lm, pool.get, s.dpo_model, s.reverse_dpo_model,
-                                                    s.reward_model, s.beta0, log)
+                                                    s.reward_model, s.beta0, log, s.use_chat_template)
     results["seconds"] = round(time.time() - started, 1)
-    _write_report(results, out_dir, s)
+    write_report(results, out_dir, s.plots, s.runs)
     return results
 
 
-def _pair_accuracy(pairs, tok, ref_lm, get, dpo_model, reverse_dpo_model, reward_model, beta0, log) -> dict:
+def _check_loadable(models: dict) -> None:
+    """Every model's config can be read (a missing folder or unknown id fails here, before any output)."""
+    from transformers import AutoConfig
+
+    from aligndistil.model.loading import DEFAULT_MODEL_NAME, resolve_model_path
+
+    for name, path in models.items():
+        if path is None or os.fspath(path) == DEFAULT_MODEL_NAME:  # the embedded model: always there
+            continue
+        try:
+            AutoConfig.from_pretrained(resolve_model_path(path))
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, hub errors: one message
+            raise EvalError(f"eval: model {name!r} ({path}) cannot be loaded: {e}") from None
+
+
+def _pair_accuracy(pairs, tok, ref_lm, get, dpo_model, reverse_dpo_model, reward_model, beta0, log,
+                   use_chat_template=None) -> dict:
     from aligndistil.data import load_records
+    from aligndistil.data.prompt_sets import prompt_text
     from aligndistil.rewards import get_reward
 
     acc: dict = {"pairs": str(pairs)}
     if dpo_model:
-        lp_ref = pair_logps(ref_lm, pairs, tok)
-        lp_dpo = pair_logps(get(dpo_model), pairs, tok)
+        lp_ref = pair_logps(ref_lm, pairs, tok, use_chat_template=use_chat_template)
+        lp_dpo = pair_logps(get(dpo_model), pairs, tok, use_chat_template=use_chat_template)
         acc["n_pairs"] = len(lp_ref[0])
         acc["dpo"] = reward_accuracy(implicit_rewards(lp_dpo[0], lp_ref[0], beta0),
                                      implicit_rewards(lp_dpo[1], lp_ref[1], beta0))
         if reverse_dpo_model:
-            lp_rev = pair_logps(get(reverse_dpo_model), pairs, tok)
+            lp_rev = pair_logps(get(reverse_dpo_model), pairs, tok, use_chat_template=use_chat_template)
             acc["contrastive"] = reward_accuracy(implicit_rewards(lp_dpo[0], lp_rev[0], beta0),
                                                  implicit_rewards(lp_dpo[1], lp_rev[1], beta0))
     if reward_model:
@@ -472,7 +450,7 @@ def _pair_accuracy(pairs, tok, ref_lm, get, dpo_model, reverse_dpo_model, reward
         prompts, chosen, rejected = [], [], []
         for r in recs:
             p = r.data.get("prompt")
-            prompts.append(p if isinstance(p, str) else (p[-1]["content"] if p else ""))
+            prompts.append(prompt_text(p) if p else "")
             chosen.append(r.data["chosen"] if isinstance(r.data["chosen"], str) else r.data["chosen"][-1]["content"])
             rejected.append(r.data["rejected"] if isinstance(r.data["rejected"], str) else r.data["rejected"][-1]["content"])
         try:

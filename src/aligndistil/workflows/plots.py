@@ -13,10 +13,10 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["method_label", "plot_frontier", "plot_training_curves", "read_metrics"]
+__all__ = ["atomic_savefig", "method_label", "plot_frontier", "plot_training_curves", "pyplot", "read_metrics"]
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as e:
@@ -41,7 +41,7 @@ def method_label(name: str, run: dict | None) -> str:
     return m
 
 
-def _atomic_savefig(fig, path: Path) -> Path:
+def atomic_savefig(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -51,7 +51,7 @@ def _atomic_savefig(fig, path: Path) -> Path:
 
 def plot_frontier(results: dict, path: str | os.PathLike) -> Path:
     """Mean reward (with 95% interval) against KL to the reference, one point per model."""
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[str, list[tuple[float, float, float, str]]] = {}
     for name, r in results["models"].items():
         kl = r.get("kl_ref")
@@ -76,7 +76,7 @@ def plot_frontier(results: dict, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     try:
-        return _atomic_savefig(fig, Path(path))
+        return atomic_savefig(fig, Path(path))
     finally:
         plt.close(fig)
 
@@ -99,7 +99,7 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], path: str | os.Path
     The loss is on the left axis; other logged keys share a right axis, since their scales
     differ from the loss's. Runs without a metrics file are left out.
     """
-    plt = _pyplot()
+    plt = pyplot()
     data = {name: read_metrics(p) for name, p in runs.items() if Path(p).is_file()}
     data = {k: v for k, v in data.items() if v}
     if not data:
@@ -126,6 +126,6 @@ def plot_training_curves(runs: dict[str, str | os.PathLike], path: str | os.Path
         ax.axis("off")
     fig.tight_layout()
     try:
-        return _atomic_savefig(fig, Path(path))
+        return atomic_savefig(fig, Path(path))
     finally:
         plt.close(fig)

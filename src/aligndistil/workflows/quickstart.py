@@ -34,8 +34,9 @@ import yaml
 
 from aligndistil.config import ConfigError, load_yaml
 from aligndistil.fileio import atomic_write_text
+from aligndistil.workflows.pipeline import config_dirs
 
-__all__ = ["QUICKSTART_KEYS", "default_config", "load_quickstart", "run_quickstart", "write_pipeline"]
+__all__ = ["QUICKSTART_KEYS", "default_config", "load_quickstart", "prefs", "run_quickstart", "write_pipeline"]
 
 QUICKSTART_KEYS = ("output_dir", "reward", "prefs", "heldout", "reward_model", "eval", "base", "stages")
 PREFS_KEYS = {"prompts", "max_prompts", "k", "max_new_tokens", "temperature", "top_p", "seed", "tie_threshold",
@@ -46,12 +47,13 @@ EVAL_KEYS = {"models", "dpo_stage", "reverse_dpo_stage", "prompts", "reward_mode
 
 
 def default_config(name: str = "quickstart") -> Path:
-    """``configs/pipelines/<name>.yaml`` of the working directory, else of the source checkout."""
-    rel = Path("configs") / "pipelines" / f"{name}.yaml"
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+    """``pipelines/<name>.yaml`` in the pipeline's config folders (:func:`config_dirs`: the
+    working directory's ``configs/``, then the source checkout's)."""
+    rel = Path("pipelines") / f"{name}.yaml"
+    for root in config_dirs():
         if (root / rel).is_file():
             return root / rel
-    raise FileNotFoundError(f"{rel} not found in the working directory or the source checkout; pass --config")
+    raise FileNotFoundError(f"configs/{rel} not found in the working directory or the source checkout; pass --config")
 
 
 def _set_dotted(d: dict, dotted: str, raw: str, where: str) -> None:
@@ -78,8 +80,8 @@ def load_quickstart(path: str | os.PathLike, overrides: list[str] | None = None,
     """Read a quickstart file and apply overrides.
 
     ``prefs.KEY=V``, ``heldout.KEY=V``, ``eval.KEY=V`` and ``reward=V`` change those sections;
-    ``model|data|train|method.KEY=V`` are passed on to every training stage (as for
-    ``aligndistil pipeline``). ``model`` replaces ``base.model.policy``.
+    ``model|data|train|method.KEY=V`` are passed on to every training stage whose method uses
+    the key (as for ``aligndistil pipeline``; the others keep their settings and fingerprint). ``model`` replaces ``base.model.policy``.
 
     Returns:
         ``(spec, stage_overrides)``.
@@ -128,7 +130,9 @@ def load_quickstart(path: str | os.PathLike, overrides: list[str] | None = None,
     return spec, stage_overrides
 
 
-def _prefs(spec: dict, section: str, out_dir: Path, policy: str, progress: bool, log) -> Path:
+def prefs(spec: dict, section: str, out_dir: Path, policy: str, progress: bool, log) -> Path:
+    """The pair file of ``spec[section]`` (``prefs`` or ``heldout``) under ``out_dir/data``: made
+    by :func:`aligndistil.workflows.make_prefs.make_prefs`, or reused when already complete."""
     from aligndistil.workflows.make_prefs import PrefsSettings, _fingerprint, make_prefs
 
     p = dict(spec[section])
@@ -207,12 +211,12 @@ def run_quickstart(config: str | os.PathLike, overrides: list[str] | None = None
     timings["model"] = round(time.time() - t, 1)
 
     t = time.time()
-    train_pairs = _prefs(spec, "prefs", out_dir, policy, progress, log)
+    train_pairs = prefs(spec, "prefs", out_dir, policy, progress, log)
     timings["prefs"] = round(time.time() - t, 1)
     heldout_pairs = None
     if spec.get("heldout"):
         t = time.time()
-        heldout_pairs = _prefs(spec, "heldout", out_dir, policy, progress, log)
+        heldout_pairs = prefs(spec, "heldout", out_dir, policy, progress, log)
         timings["heldout_prefs"] = round(time.time() - t, 1)
 
     pipe_path = write_pipeline(spec, train_pairs, out_dir / "pipeline.yaml")
