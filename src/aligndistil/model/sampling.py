@@ -189,7 +189,7 @@ def decode_sample(tokenizer, out: dict[str, torch.Tensor], row: int) -> dict:
     ended = bool(out["ended"][row])
     body = out["tokens"][row, : n - 1 if ended else n].tolist()  # the EOS itself is not text
     return {"response": tokenizer.decode(body, skip_special_tokens=True).strip(), "n_tokens": len(body),
-            "ended": ended, "logp": float(out["logps"][row].sum())}
+            "ended": ended, "logp": float(out["logps"][row].detach().sum())}
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ ground-truth VADER reward of the same samples.
 1. the teachers: the quickstart's DPO and reverse-DPO models (``<quickstart output>/dpo``
    and ``reverse_dpo``) when both are finished runs, else trained exactly as the quickstart
    trains them (its pairs and its two stages, into the quickstart's folder, so a later
-   quickstart reuses them);
+   quickstart reuses them; :func:`aligndistil.workflows.study_inputs.teachers`);
 2. the prompts: the first ``max_prompts`` of the prompt set, as chat messages (the
    quickstart's pairs render prompts with the chat template too);
 3. ``3 methods x seeds`` runs of the one trainer under ``<out>/runs/<method>-seed<k>``; a
@@ -37,14 +37,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from aligndistil.errors import AlignDistilError
 from aligndistil.fileio import atomic_write_text
+from aligndistil.workflows.study_inputs import StudyError, StudyInputs, teachers, tiny_inputs, train_run
 
 __all__ = ["METHODS", "StudyError", "StudySettings", "TINY", "check_settings", "run_convergence", "summarise"]
-
-
-class StudyError(AlignDistilError, ValueError):
-    """A study setting that cannot work (exit code 2), found before any model loads or folder is made."""
 
 #: name -> (label, method overrides); the study's reward metric and its ground truth.
 METHODS = {
@@ -58,14 +54,13 @@ METRIC, VADER = "reward/contrastive_per_token", "rollout/reward"
 
 
 @dataclass
-class StudySettings:
-    """What the study trains; every run shares all of it but the method and the seed."""
+class StudySettings(StudyInputs):
+    """What the study trains; every run shares all of it but the method and the seed.
+
+    The first fields (output folder, quickstart config, policy and teachers) are :class:`StudyInputs`'.
+    """
 
     out_dir: str = "outputs/convergence"
-    quickstart_config: str | None = None  # default: configs/pipelines/quickstart.yaml
-    policy: str | None = None  # default: the quickstart's base.model.policy
-    dpo_model: str | None = None  # default: the quickstart's, reused or trained
-    reverse_dpo_model: str | None = None
     prompts: str = "sentiment:train"
     max_prompts: int = 120  # steps x batch_size: every prompt is sampled once
     seeds: tuple = (0, 1)
@@ -88,53 +83,6 @@ class StudySettings:
 #: pairs and DPO / reverse-DPO teachers trained on them for 4 steps; seconds, machinery only.
 TINY = dict(max_prompts=32, steps=6, batch_size=4, learning_rate=1e-3, max_new_tokens=8, max_length=64,
             max_prompt_length=48, smooth=2, tiny=True)
-
-
-def _tiny_inputs(s: StudySettings, log) -> tuple[str, str, str, Path]:
-    """The tiny workspace and DPO / reverse-DPO teachers trained on its pairs (4 steps each)."""
-    from aligndistil.model.tiny import make_tiny_workspace
-    from aligndistil.workflows.pipeline import run_pipeline
-
-    root = Path(s.out_dir) / "tiny"
-    if not (root / "model" / "config.json").is_file():
-        make_tiny_workspace(root)
-    pipe = {"output_dir": str(root), "stages": [
-        {"name": "dpo", "overrides": {"method": {"name": "dpo", "beta": s.beta0}}},
-        {"name": "reverse_dpo", "overrides": {"method": {"name": "dpo", "beta": s.beta0, "reverse": True}}}],
-        "base": {"model": {"policy": str(root / "model")},
-                 "data": {"train_file": str(root / "prefs.jsonl"), "max_length": 64, "max_prompt_length": 32},
-                 "train": {"learning_rate": 1e-3, "warmup_ratio": 0.0, "per_device_batch_size": 4, "max_steps": 4,
-                           "progress_bar": False}}}
-    import yaml
-
-    path = atomic_write_text(root / "teachers.yaml", yaml.safe_dump(pipe, sort_keys=False))
-    dpo, rev = run_pipeline(path, log=log)
-    return str(root / "model"), str(dpo), str(rev), root / "prefs.jsonl"
-
-
-def _teachers(s: StudySettings, progress: bool, log) -> tuple[str, str, str]:
-    """``(policy, dpo, reverse_dpo)``: given, the quickstart's finished ones, or trained as it trains them."""
-    from aligndistil.train.checkpoints import is_complete
-    from aligndistil.workflows.pipeline import run_pipeline
-    from aligndistil.workflows.quickstart import default_config, load_quickstart, prefs, write_pipeline
-
-    spec, _ = load_quickstart(s.quickstart_config or default_config())
-    policy = s.policy or spec["base"]["model"]["policy"]
-    if s.dpo_model and s.reverse_dpo_model:
-        return policy, s.dpo_model, s.reverse_dpo_model
-    qs = Path(spec.get("output_dir") or "outputs/quickstart")
-    if is_complete(qs / "dpo") and is_complete(qs / "reverse_dpo"):
-        log(f"[study] reusing the quickstart's teachers: {qs / 'dpo'}, {qs / 'reverse_dpo'}")
-        return policy, str(qs / "dpo"), str(qs / "reverse_dpo")
-    stages = {st.get("name"): st for st in spec["stages"]}
-    if not {"dpo", "reverse_dpo"} <= set(stages):
-        raise StudyError(f"{spec['_source']} has no dpo and reverse_dpo stages to train the teachers with")
-    log(f"[study] training the teachers as the quickstart does, into {qs}")
-    spec["stages"] = [stages["dpo"], stages["reverse_dpo"]]
-    pairs = prefs(spec, "prefs", qs, policy, progress, log)
-    pipe = write_pipeline(spec, pairs, Path(s.out_dir) / "teachers_pipeline.yaml")
-    dpo, rev = run_pipeline(pipe, [] if progress else ["train.progress_bar=false"], log=log)
-    return policy, str(dpo), str(rev)
 
 
 def _prompts(s: StudySettings, source: Path | None) -> list[str]:
@@ -197,19 +145,6 @@ def run_config(s: StudySettings, method: str, seed: int, policy: str, dpo: str, 
             f"train.progress_bar={str(progress).lower()}",
             *[f"method.{k}={v}" for k, v in method_opts.items()], *s.extra]
     return apply_overrides(RunConfig(), opts).validate()
-
-
-def _train(cfg, log) -> Path:
-    from aligndistil.train.checkpoints import is_complete, numbered_checkpoints
-    from aligndistil.train.loop import train
-
-    out = Path(cfg.train.output_dir)
-    if is_complete(out, cfg.fingerprint()):
-        log(f"[study] {out.name}: complete, skipped")
-        return out
-    resume = out.is_dir() and bool(numbered_checkpoints(out))
-    log(f"[study] {out.name}: {'resuming' if resume else 'training'} {cfg.train.max_steps} steps")
-    return train(cfg, resume=resume)
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -301,15 +236,15 @@ def run_convergence(settings: StudySettings | None = None, *, progress: bool = T
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if s.tiny:
-        policy, dpo, rev, pairs = _tiny_inputs(s, log)
+        policy, dpo, rev, pairs = tiny_inputs(s.out_dir, s.beta0, log)
     else:
-        (policy, dpo, rev), pairs = _teachers(s, progress, log), None
+        (policy, dpo, rev), pairs = teachers(s, progress, log), None
     prompts = _prompt_file(s, pairs)
     runs: dict[str, list[Path]] = {}
     for method in METHODS:
         for seed in s.seeds:
-            runs.setdefault(method, []).append(_train(run_config(s, method, seed, policy, dpo, rev, prompts, progress),
-                                                      log))
+            runs.setdefault(method, []).append(train_run(run_config(s, method, seed, policy, dpo, rev, prompts,
+                                                                         progress), log))
     summary = summarise(runs, s.smooth)
     plot_curves(runs, METRIC, "token-averaged contrastive reward r_ctr(x,y)/|y|", out / "convergence.png",
                 f"Convergence (beta = {s.beta}; {len(s.seeds)} seeds, band = min-max)")

@@ -8,8 +8,8 @@ token-adaptive alpha of Eq. 16-17 against constant alphas). :func:`run_frontier`
 in miniature on the built-in sentiment task (VADER reward):
 
 1. inputs: the quickstart's training pairs and its DPO / reverse-DPO models (reused when
-   finished, else made exactly as the quickstart makes them; the convergence study's
-   :mod:`aligndistil.workflows.convergence` helpers), one set for every run;
+   finished, else made exactly as the quickstart makes them; the studies' shared
+   :mod:`aligndistil.workflows.study_inputs`), one set for every run;
 2. the grid (:data:`DEFAULT_GRID`, :class:`FrontierSettings`): every method at 3 strengths
    and its seeds, trained by the one trainer under ``<out>/runs/<name>``; a finished run
    (``COMPLETE.json`` of the same config) is skipped, an interrupted one resumed;
@@ -50,6 +50,8 @@ from typing import NamedTuple
 
 from aligndistil.errors import AlignDistilError
 from aligndistil.fileio import atomic_write_text
+from aligndistil.workflows.study_inputs import (StudyInputs, quickstart_spec, teachers, teachers_ready, tiny_inputs,
+                                                train_run)
 
 __all__ = ["METHODS", "DEFAULT_GRID", "FrontierError", "FrontierSettings", "RunSpec", "TINY", "load_settings",
            "plan", "format_plan", "run_frontier"]
@@ -107,14 +109,13 @@ FIXED_SEC = {"teachers (if missing)": 260.0, "held-out pairs": 60.0, "reward mod
 
 
 @dataclass
-class FrontierSettings:
-    """What the study trains and measures; every run shares all of it but method, strength and seed."""
+class FrontierSettings(StudyInputs):
+    """What the study trains and measures; every run shares all of it but method, strength and seed.
+
+    The first fields (output folder, quickstart config, policy and teachers) are :class:`StudyInputs`'.
+    """
 
     out_dir: str = "outputs/frontier"
-    quickstart_config: str | None = None  # default: configs/pipelines/quickstart.yaml
-    policy: str | None = None  # default: the quickstart's base.model.policy
-    dpo_model: str | None = None  # default: the quickstart's, reused or trained
-    reverse_dpo_model: str | None = None
     train_file: str | None = None  # default: the quickstart's training pairs
     grid: dict = field(default_factory=lambda: {k: [dict(s) for s in v] for k, v in DEFAULT_GRID.items()})
     seeds: tuple = (0, 1)
@@ -144,7 +145,7 @@ class FrontierSettings:
     extra: list = field(default_factory=list)  # section.key=value for every run
 
 
-#: The test-sized study: the tiny random model, its synthetic pairs and teachers (convergence's),
+#: The test-sized study: the tiny random model, its synthetic pairs and teachers (study_inputs.tiny_inputs),
 #: 1 step a run, 8 prompts x 6 tokens; seconds, machinery only.
 TINY = dict(steps=1, batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, max_length=64, max_prompt_length=32,
             max_new_tokens=6, eval_max_prompts=8, eval_batch_size=8, rm_steps=2, tiny=True)
@@ -235,17 +236,9 @@ def _estimate(s: FrontierSettings, runs: list[RunSpec]) -> tuple[float, dict]:
 
 def _teachers_ready(s: FrontierSettings) -> bool:
     """True when the DPO and reverse-DPO models are given or the quickstart's are finished."""
-    if s.tiny or (s.dpo_model and s.reverse_dpo_model):
+    if s.tiny:
         return bool(s.dpo_model)
-    from aligndistil.train.checkpoints import is_complete
-    from aligndistil.workflows.quickstart import default_config, load_quickstart
-
-    try:
-        spec, _ = load_quickstart(s.quickstart_config or default_config())
-    except (AlignDistilError, FileNotFoundError):
-        return False
-    qs = Path(spec.get("output_dir") or "outputs/quickstart")
-    return is_complete(qs / "dpo") and is_complete(qs / "reverse_dpo")
+    return teachers_ready(s)
 
 
 def format_plan(s: FrontierSettings) -> str:
@@ -270,18 +263,15 @@ def format_plan(s: FrontierSettings) -> str:
 # ----------------------------------------------------------------------------- inputs
 def _inputs(s: FrontierSettings, progress: bool, log) -> tuple[str, str, str, Path]:
     """``(policy, dpo, reverse_dpo, training pairs)``: the quickstart's, or the tiny workspace's."""
-    from aligndistil.workflows.convergence import _teachers, _tiny_inputs
-
     if s.tiny:
-        policy, dpo, rev, pairs = _tiny_inputs(s, log)
+        policy, dpo, rev, pairs = tiny_inputs(s.out_dir, s.beta0, log)
         return policy, dpo, rev, Path(s.train_file or pairs)
-    policy, dpo, rev = _teachers(s, progress, log)
+    policy, dpo, rev = teachers(s, progress, log)
     if s.train_file:
         return policy, dpo, rev, Path(s.train_file)
-    from aligndistil.workflows.quickstart import default_config, load_quickstart, prefs
+    from aligndistil.workflows.quickstart import prefs
 
-    spec, _ = load_quickstart(s.quickstart_config or default_config())
-    qs = Path(spec.get("output_dir") or "outputs/quickstart")
+    spec, qs = quickstart_spec(s)
     return policy, dpo, rev, prefs(spec, "prefs", qs, spec["base"]["model"]["policy"], progress, log)
 
 
@@ -343,12 +333,6 @@ def _seconds(path: Path) -> float | None:
         return None
 
 
-def _train(cfg, log) -> Path:
-    from aligndistil.workflows.convergence import _train as train_or_skip
-
-    return train_or_skip(cfg, log)
-
-
 # ----------------------------------------------------------------------------- the study
 def run_frontier(settings: FrontierSettings | None = None, *, progress: bool = True, log=print) -> dict:
     """Run (or finish) the study and write results.json, results.md and frontier.png; returns the summary."""
@@ -368,7 +352,7 @@ def run_frontier(settings: FrontierSettings | None = None, *, progress: bool = T
     points = []
     for r in runs:
         cfg = run_config(s, r, policy, dpo, rev, pairs, progress)
-        folder = _train(cfg, log)
+        folder = train_run(cfg, log)
         p = _point(s, r.name, str(folder), f"{cfg.fingerprint()}|{ekey}", policy, prompts, progress, log)
         points.append({"method": r.method, "strength": r.strength, "strength_index": r.strength_index,
                        "seed": r.seed, "run": r.name, **p, "train_seconds": _seconds(folder / "COMPLETE.json"),
