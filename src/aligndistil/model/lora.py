@@ -224,7 +224,9 @@ def enable_gradient_checkpointing(model) -> None:
     """Gradient checkpointing on a (possibly peft) model. With a frozen base the embeddings'
     output does not require grad, so reentrant checkpointing would see no input needing a
     gradient and drop the adapters' gradients; ``enable_input_require_grads`` fixes that."""
-    unwrap(model).gradient_checkpointing_enable()
+    base = unwrap(model)
+    # transformers 5.x renamed it (the old name warns and goes away in v6); 4.x has only the old.
+    (getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable)()
     if is_peft(model):
         unwrap(model).enable_input_require_grads()
 
