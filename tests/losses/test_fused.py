@@ -354,8 +354,13 @@ def test_teacher_with_another_vocabulary_or_rows():
 
 
 def test_trainer_refuses_bad_fused_settings(tiny_ws, tmp_path):
+    from aligndistil.config import RunConfig, apply_overrides
     from aligndistil.train.loop import Trainer
-    from test_methods import make_cfg
+
+    def make_cfg(ws, out, method, extra):
+        return apply_overrides(RunConfig(), [
+            f"model.policy={ws['model']}", f"data.train_file={ws['prefs']}", f"train.output_dir={out}",
+            "train.max_steps=1", "train.progress_bar=false", f"method.name={method}", *extra])
 
     for bad in ("0", "-2", "1.5", "big"):
         with pytest.raises(ValueError, match="train.chunk_size must be a positive integer .* or auto"):
