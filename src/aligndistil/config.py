@@ -139,6 +139,7 @@ class TrainConfig:
     push_to_hub: bool = _f(False, "After the last step, upload the output folder (model, tokenizer, config.yaml, metrics, COMPLETE.json; not checkpoints or logger folders) to the hub repo train.hub_model_id, from the main process; the token comes from the environment (HF_TOKEN) or `hf auth login`.")
     hub_model_id: Optional[str] = _f(None, "push_to_hub: the hub repo, ORG/NAME (created if missing).", Check(lambda v: v.count("/") <= 1 and all(v.split("/")), "ORG/NAME or NAME"))
     hub_private_repo: bool = _f(False, "push_to_hub: create the repo as private.")
+    ddp_timeout: int = _f(1800, "Seconds a process waits for the others in a collective before the job fails (the process group's timeout): raise it when one process does long work the others wait for.", _ge(1))
     progress_bar: bool = _f(True, "Show a progress bar with loss and time left.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory in the policy.")
     loss_path: str = _f("fused", "fused: token-level losses computed in row chunks from final hidden states, never B x T x V; plain: full logits (the reference implementation).", _one_of("fused", "plain"))
@@ -230,7 +231,7 @@ class RunConfig:
             d["data"].pop(k, None)
         # Performance settings that leave the results equal (to float tolerance) are not part of
         # the fingerprint; an approximate (bf16) teacher cache is.
-        for k in ("loss_path", "chunk_size", "compile_loss", "teacher_cache"):
+        for k in ("loss_path", "chunk_size", "compile_loss", "teacher_cache", "ddp_timeout"):
             d["train"].pop(k, None)
         if not self.train.teacher_cache or self.train.teacher_cache_dtype == "float32":
             d["train"].pop("teacher_cache_dtype", None)

@@ -168,3 +168,45 @@ def test_a_damaged_cache_file_is_named_with_how_to_rebuild(tiny_ws, tmp_path, ca
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(cache) in err
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before, "a damaged cache is never rewritten"
+
+
+def test_two_processes_build_the_same_cache_each_over_its_share(tiny_ws, tmp_path):
+    """accelerate launch --num_processes 2: both processes build (disjoint halves of the
+    examples, written at offsets known in advance) a cache byte-identical to the one one
+    process builds, and the manifest records that two built it."""
+    import sys
+
+    from test_loop import REPO, _run
+
+    args = [f"model.policy={tiny_ws['model']}", f"model.dpo_model={tiny_ws['model2']}",
+            f"model.reverse_dpo_model={tiny_ws['model']}", f"data.train_file={tiny_ws['prefs']}",
+            "data.max_length=64", "data.max_prompt_length=32", "train.max_steps=1", "train.per_device_batch_size=2",
+            "train.warmup_ratio=0", "train.progress_bar=false", "method.name=aligndistil", "method.mode=off_policy",
+            "train.ddp_timeout=600"]
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("{}\n")
+    one, two = tmp_path / "cache1", tmp_path / "cache2"
+    _run([sys.executable, "-m", "aligndistil", "train", "-c", str(cfg_file), *args,
+          f"train.teacher_cache={one}", f"train.output_dir={tmp_path / 'o1'}"])
+    res = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs" / "accelerate" / "multi_cpu.yaml"), "-m", "aligndistil", "train", "-c",
+                str(cfg_file), *args, f"train.teacher_cache={two}", f"train.output_dir={tmp_path / 'o2'}"])
+    assert "split over 2 process(es)" in res.stdout
+    m1, m2 = (json.loads((c / "manifest.json").read_text()) for c in (one, two))
+    assert (m1.pop("built_by_processes"), m2.pop("built_by_processes")) == (1, 2)
+    m1.pop("built_seconds"), m2.pop("built_seconds")
+    assert m1 == m2
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in two.iterdir()) and "tvd.response.bin" in files
+    for name in [f for f in files if f != "manifest.json"]:  # the manifests were compared above
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert not list(tmp_path.glob(".cache*"))  # no temporary folder left behind
+
+
+def test_ddp_timeout_reaches_the_process_group_settings(tiny_ws, tmp_path):
+    from datetime import timedelta
+
+    from aligndistil.train.accel import make_accelerator
+
+    acc, _ = make_accelerator(make_cfg(tiny_ws, tmp_path / "o", "dpo", ["train.ddp_timeout=123"]))
+    assert acc.init_handler.timeout == timedelta(seconds=123)

@@ -197,7 +197,10 @@ def linear_head(model: nn.Module) -> tuple | None:
     head = unwrap(model).get_output_embeddings()
     if head is None or type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear):
         return None
-    return head.weight, head.bias
+    # FSDP2 leaves the root's weights (the head's among them) gathered after a forward; a head
+    # read while sharded is a DTensor, gathered here (differentiably) rather than used as a shard.
+    weight, bias = (p.full_tensor() if hasattr(p, "full_tensor") else p for p in (head.weight, head.bias))
+    return weight, bias
 
 
 def _low_precision(model: nn.Module, head: nn.Module) -> bool:

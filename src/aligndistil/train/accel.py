@@ -78,7 +78,12 @@ def make_accelerator(cfg: RunConfig):
                                       launched=os.environ.get("ACCELERATE_MIXED_PRECISION"))
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mp:
         AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu, mixed_precision=mp), note
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout))
+    return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[timeout]), note
 
 
 def uses_deepspeed(acc) -> bool:

@@ -61,21 +61,25 @@ def _write_error(e: BaseException) -> bool:
     return isinstance(e, Exception) and any(w in text for w in ("write", "i/o", "ioerror", "os error", "no space", "too large"))
 
 
-def _save_pretrained(model, tokenizer, folder: Path) -> None:
-    unwrap(model).save_pretrained(folder, safe_serialization=True)
+def _save_pretrained(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    # ``state_dict``: the full weights gathered beforehand on every process when the model is
+    # sharded (aligndistil.train.sharded); None: the model's own parameters are whole here.
+    kw = {} if state_dict is None else {"state_dict": state_dict}
+    unwrap(model).save_pretrained(folder, safe_serialization=True, **kw)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
-def save_model_folder(model, tokenizer, out_dir: Path) -> None:
+def save_model_folder(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Save an HF model folder (safetensors) atomically per file: temp folder, then rename.
-    On failure the temp folder is removed and :class:`OutputFolderError` names the folder."""
+    On failure the temp folder is removed and :class:`OutputFolderError` names the folder.
+    ``state_dict``: the gathered weights of a sharded model (else the model's own)."""
     tmp = out_dir / ".saving.tmp"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        _save_pretrained(model, tokenizer, tmp)
+        _save_pretrained(model, tokenizer, tmp, state_dict)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
         tmp.rmdir()
@@ -239,10 +243,11 @@ def should_save(strategy: str, save_steps: int, step: int, steps_per_epoch: int,
     return bool(save_steps) and step % save_steps == 0
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, keep: int, fingerprint: str) -> Path:
+def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, keep: int, fingerprint: str,
+                    state_dict: dict | None = None) -> Path:
     """Write ``checkpoint-<step>`` (model folder, ``state`` as ``trainer_state.pt``, manifest
     last) and keep only the ``keep`` newest checkpoints of ``fingerprint``. Call it on one
-    process. A failed write removes the temporary folder and raises :class:`OutputFolderError`;
+    process; ``state_dict``: the gathered weights of a sharded model (else the model's own). A failed write removes the temporary folder and raises :class:`OutputFolderError`;
     the earlier checkpoints are untouched."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
@@ -251,7 +256,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, state: dict, keep: i
         for leftover in (tmp, old):
             if leftover.exists():
                 shutil.rmtree(leftover)
-        _save_pretrained(model, tokenizer, tmp / "model")
+        _save_pretrained(model, tokenizer, tmp / "model", state_dict)
         torch.save(state, tmp / TRAINER_STATE)
         write_manifest(tmp, step, fingerprint)
         if final.exists():  # a resumed run writing a step again: swap, never a moment without one
@@ -319,16 +324,18 @@ def truncate_metrics(path: Path, step: int, log=print) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def save_final(out: Path, model, tokenizer, modules: dict, complete: dict) -> None:
+def save_final(out: Path, model, tokenizer, modules: dict, complete: dict, state_dict: dict | None = None) -> None:
     """The finished run: the model folder, each extra module as ``<name>.safetensors``, and
-    last ``COMPLETE.json`` holding ``complete`` (a folder without it is not a finished run)."""
+    last ``COMPLETE.json`` holding ``complete`` (a folder without it is not a finished run).
+    ``modules``: name -> state dict of each extra trainable module; ``state_dict``: the
+    gathered weights of a sharded model (else the model's own)."""
     from safetensors.torch import save_file
 
-    save_model_folder(model, tokenizer, out)
+    save_model_folder(model, tokenizer, out, state_dict)
     try:
-        for name, mod in modules.items():
+        for name, sd in modules.items():
             tmp = out / f".{name}.safetensors.tmp"
-            save_file(unwrap(mod).state_dict(), str(tmp))
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
             os.replace(tmp, out / f"{name}.safetensors")
         atomic_write_text(out / COMPLETE, json.dumps(complete, indent=2))
     except BaseException as e:

@@ -108,7 +108,7 @@ def check_vocab(cfg: RunConfig, role: str, path: str, model, *, policy, tokenize
 
 
 def open_teacher_cache(cfg: RunConfig, method, acc, *, features, collator, policy, chunk_size, load, log=print):
-    """Open (building it on first use, on the main process) the teacher cache of ``cfg``;
+    """Open (building it on first use, every process over its share of the data) the teacher cache of ``cfg``;
     refuse a stale one. ``load(role)`` loads a frozen model for the build."""
     TC.check_supported(method)
     roles = {r: getattr(cfg.model, r) or cfg.model.policy for r in method.frozen}
@@ -117,21 +117,33 @@ def open_teacher_cache(cfg: RunConfig, method, acc, *, features, collator, polic
         if LR.is_adapter_folder(path):
             fp["weights"][role] = {"adapter": fp["weights"][role], "base": TC.hash_model_files(LR.adapter_base(path))}
     folder = Path(cfg.train.teacher_cache)
-    with acc.main_process_first():
-        if not (folder / TC.MANIFEST).is_file() and acc.is_main_process:
-            log(f"[teacher cache] building {folder} (the frozen models run once over the data)")
-            models = {r: load(r) for r in roles}
-            TC.build(folder, models=models, features=features, collator=collator,
-                     kind=method.batch, fp=fp, tvd_roles=method.tvd_roles,
-                     batch_size=cfg.train.per_device_batch_size,
-                     chunk_size=chunk_size, device=acc.device, log=log)
-            del models
-        cache = TC.TeacherCache(folder, fp, device=acc.device)
+    # The main process decides for all (they must all build, or none: the build is collective).
+    from aligndistil.train.accel import on_main
+
+    if on_main(acc, lambda: not (folder / TC.MANIFEST).is_file()):
+        log(f"[teacher cache] building {folder} (the frozen models run once over the data, "
+            f"split over {acc.num_processes} process(es))")
+        models = {r: load(r) for r in roles}
+        TC.build(folder, models=models, features=features, collator=collator,
+                 kind=method.batch, fp=fp, tvd_roles=method.tvd_roles,
+                 batch_size=cfg.train.per_device_batch_size, chunk_size=chunk_size, device=acc.device, log=log,
+                 ranks=TC.Ranks(acc.process_index, acc.num_processes, agree=_agree(acc)))
+        del models
+    cache = TC.TeacherCache(folder, fp, device=acc.device)
     pv = policy.get_output_embeddings().weight.shape[0]
     if cache.vocab_size != pv:
         raise ValueError(f"teacher cache {folder} has a vocabulary of {cache.vocab_size} but the policy has {pv}")
     log(f"[teacher cache] using {folder} for {', '.join(cache.roles)}")
     return cache
+
+
+def _agree(acc):
+    """:attr:`aligndistil.train.teacher_cache.Ranks.agree` over accelerate's processes."""
+    if acc.num_processes == 1:
+        return lambda err: [err]
+    from accelerate.utils import gather_object
+
+    return lambda err: gather_object([err])
 
 
 def make_sampler(cfg: RunConfig, method, log=print):

@@ -44,10 +44,10 @@ from aligndistil.train import frozen as FR
 from aligndistil.train import hub as HUB
 from aligndistil.train import reporting as R
 from aligndistil.train import run_folder as RF
+from aligndistil.train import sharded as SH
 from aligndistil.train import teacher_cache as TC
 from aligndistil.train.checkpoints import COMPLETE, OutputFolderError, is_complete, save_model_folder  # noqa: F401 (re-exported)
 from aligndistil.train.methods import Method, StepContext, get_method
-from aligndistil.model.outputs import unwrap
 from aligndistil.errors import EXIT_DIVERGED, AlignDistilError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
@@ -129,9 +129,10 @@ class Trainer:
         R.check_available(c.train.report_to)
         EV.check_config(c, self.method)
         HUB.check_push(c)
-        if A.uses_deepspeed(self.accelerator) and self.method.make_modules:
-            raise ConfigError(f"method {self.method.name} trains a second module beside the policy, which this "
-                              "trainer does not support under DeepSpeed (one engine per model); use DDP or FSDP")
+        if (A.uses_deepspeed(self.accelerator) or SH.is_fsdp(self.accelerator)) and self.method.make_modules:
+            raise ConfigError(f"method {self.method.name} trains a second module beside the policy, which this trainer "
+                              "does not support under DeepSpeed or FSDP (one engine, or with FSDP2 one model, per "
+                              "launch); use DDP or one process")
 
     # ------------------------------------------------------------------ set-up
     def _log(self, msg: str) -> None:
@@ -219,21 +220,32 @@ class Trainer:
         prepared = acc.prepare(self.policy, *self.modules.values(), self.optimizer)
         self.policy, self.optimizer = prepared[0], prepared[-1]
         self.modules = dict(zip(self.modules, prepared[1:-1]))
+        if getattr(self, "_optimizer_to_load", None) is not None:
+            st = self._optimizer_to_load
+            SH.load_optimizer_state(acc, self.policy, self.modules, self.optimizer, st["optimizer"],
+                                    st.get("optimizer_format"))
         self.policy.train()
 
-    def _load_frozen(self, role: str, dtype):
-        return FR.load_frozen(self.cfg, role, dtype, policy=self.policy, tokenizer=self.tokenizer,
-                              device=self.accelerator.device, log=self._log)
+    def _load_frozen(self, role: str, dtype, shard: bool = True):
+        m = FR.load_frozen(self.cfg, role, dtype, policy=self.policy, tokenizer=self.tokenizer,
+                           device=self.accelerator.device, log=self._log)
+        if not (shard and SH.is_fsdp2(self.accelerator)):
+            return m
+        self._log(f"[fsdp] model.{role}: sharded over {self.accelerator.num_processes} processes")
+        return SH.shard_frozen(self.accelerator, m)
 
     def _teacher_cache(self, dtype):
         return FR.open_teacher_cache(self.cfg, self.method, self.accelerator, features=self.features,
                                      collator=self.collator, policy=self.policy, chunk_size=self.chunk_size,
-                                     load=lambda role: self._load_frozen(role, dtype), log=self._log)
+                                     load=lambda role: self._load_frozen(role, dtype, shard=False), log=self._log)
 
     # ------------------------------------------------------------------ checkpoints
     def _load_trainer_state(self, ckpt: Path) -> None:
         state = CK.load_trainer_state(ckpt, self.cfg.fingerprint())
-        self.optimizer.load_state_dict(state["optimizer"])
+        if SH.is_fsdp(self.accelerator) or state.get("optimizer_format"):
+            self._optimizer_to_load = state  # sharded: only after prepare (train/sharded.py)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for name, mod in self.modules.items():
             mod.load_state_dict(state["modules"][name])
@@ -248,15 +260,19 @@ class Trainer:
         acc = self.accelerator
         rng = CK.rng_state()
         ranks = gather_object([rng]) if acc.num_processes > 1 else [rng]
+        # Gathering a sharded model's or optimizer's state is a collective: every process, here.
+        weights = SH.model_state(acc, self.policy)
+        opt_state, opt_format = SH.optimizer_state(acc, self.policy, self.modules, self.optimizer)
+        modules = SH.module_states(acc, self.modules)
         acc.wait_for_everyone()
         A.on_main(self.accelerator, lambda: CK.save_checkpoint(self.out, step, FR.saveable(self.policy), self.tokenizer, {
             "step": step,
             "fingerprint": self.cfg.fingerprint(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": opt_state, "optimizer_format": opt_format,
             "scheduler": self.scheduler.state_dict(),
-            "modules": {k: unwrap(m).state_dict() for k, m in self.modules.items()},
+            "modules": modules,
             "rng": {"ranks": ranks},
-        }, keep=self.cfg.train.save_total_limit, fingerprint=self.cfg.fingerprint()))
+        }, keep=self.cfg.train.save_total_limit, fingerprint=self.cfg.fingerprint(), state_dict=weights))
         self.last_checkpoint = self.out / f"checkpoint-{step}"
         acc.wait_for_everyone()
 
@@ -459,11 +475,12 @@ class Trainer:
         self.step = self.total_steps
         bar.close()
         acc.wait_for_everyone()
-        A.on_main(self.accelerator, lambda: CK.save_final(self.out, FR.saveable(self.policy), self.tokenizer, self.modules, {
+        weights, modules = SH.model_state(acc, self.policy), SH.module_states(acc, self.modules)  # collectives
+        A.on_main(self.accelerator, lambda: CK.save_final(self.out, FR.saveable(self.policy), self.tokenizer, modules, {
             "fingerprint": self.fingerprint, "method": self.method.name, "steps": self.total_steps,
             "seconds": round(time.time() - started, 1), "data": {**vars(self.report), "n_used": self.n_used},
             "loss_path": getattr(self, "loss_path", self.cfg.train.loss_path),
-        }))
+        }, state_dict=weights))
         self._log(f"[done] {self.method.name}: {self.total_steps} steps in {time.time() - started:.1f}s -> {self.out}")
         acc.wait_for_everyone()
         return self.out

@@ -37,8 +37,9 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -138,14 +139,41 @@ def check_supported(method) -> None:
 
 
 # ----------------------------------------------------------------------------- building
+@dataclass
+class Ranks:
+    """The processes that build one cache together, each over its own share of the examples.
+
+    Every process runs the frozen models over a contiguous slice of the examples (process
+    ``k`` of ``n`` takes ``[k N / n, (k+1) N / n)``) and writes its rows straight into the
+    shared files at offsets known before anything runs (they follow from the token counts).
+    ``agree`` is a barrier that also hands every process the others' errors: it takes this
+    process's error message (None: fine) and returns all of them, so a failure on one
+    process stops all of them with its message instead of leaving them waiting.
+    """
+
+    rank: int = 0
+    world: int = 1
+    agree: Callable[[str | None], list] = lambda err: [err]
+
+    def check(self, err: str | None) -> None:
+        """Wait for every process; raise (on all of them) if any reported an error."""
+        errs = [e for e in self.agree(err) if e]
+        if errs:
+            raise TeacherCacheError(f"teacher cache: building failed: {errs[0]}")
+
+
 def _streams(kind: str) -> dict[str, str]:
     return {"response": "completion_ids"} if kind == "sft" else {"chosen": "chosen_ids", "rejected": "rejected_ids"}
 
 
 def build(folder: str | os.PathLike, *, models: dict, features: list[dict], collator, kind: str, fp: dict,
           tvd_roles: tuple[str, str] | None = None, batch_size: int = 8, chunk_size: int | str = "auto",
-          device: torch.device | str = "cpu", log=print) -> Path:
+          device: torch.device | str = "cpu", log=print, ranks: Ranks | None = None) -> Path:
     """Run the frozen ``models`` (role -> model) once over ``features`` and write a cache.
+
+    With several processes every one of them calls this with the same arguments and its
+    :class:`Ranks`: each computes its share of the rows, the main process (rank 0) creates
+    the files first and publishes the cache last.
 
     Args:
         folder: where the cache goes; must not exist yet or be empty. Written to a
@@ -155,20 +183,20 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
         fp: :func:`fingerprint` of this run, recorded in the manifest.
         tvd_roles: ``(base_role, negative_role)`` to also store their ``TVD`` per token
             (the method's ``Method.tvd_roles``).
+        ranks: this process among those building the cache (default: the only one).
     """
     from aligndistil.losses import fused as FL
 
+    ranks = ranks or Ranks()
+    main = ranks.rank == 0
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
-        raise TeacherCacheError(f"{folder} exists and is not empty; refusing to write a teacher cache into it")
     dtype_name = fp["stored_dtype"]
     if dtype_name not in DTYPES:
         raise TeacherCacheError(f"train.teacher_cache_dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
     tdt, ndt = DTYPES[dtype_name]
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    # One temporary name for every process (they write into the same files); a leftover of a
+    # killed build is removed by the main process before it creates the files afresh.
+    tmp = folder.with_name(f".{folder.name}.building")
     started = time.time()
     streams = _streams(kind)
     offsets = {s: np.concatenate([[0], np.cumsum([len(f[key]) for f in features])]).astype(np.int64)
@@ -180,44 +208,93 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
             raise TeacherCacheError(
                 f"teacher cache: the {role} model's logits are not a plain linear map of its final hidden state "
                 "(a wrapped or soft-capped head); its outputs cannot be cached as hidden states")
-        weight, bias = lin
-        from safetensors.torch import save_file
-        tensors = {"weight": weight.detach().to("cpu").contiguous()}
-        if bias is not None:
-            tensors["bias"] = bias.detach().to("cpu").contiguous()
-        save_file(tensors, str(tmp / f"head.{role}.safetensors"))
-        heads[role] = (weight.shape[1], weight.shape[0])
-    dims = {d for d, _ in heads.values()}
+        heads[role] = lin
+    dims = {w.shape[1] for w, _ in heads.values()}
     if len(dims) != 1:
         raise TeacherCacheError(f"teacher cache: frozen models have different hidden sizes {sorted(dims)}")
     d = dims.pop()
-    vocab = {v for _, v in heads.values()}.pop()
-    files = {}
-    for role in models:
-        for s in streams:
-            files[(role, s)] = np.memmap(tmp / f"{role}.{s}.bin", dtype=ndt, mode="w+", shape=(max(int(offsets[s][-1]), 1), d))
+    vocab = {w.shape[0] for w, _ in heads.values()}.pop()
+    shapes = {(role, s): ((max(int(offsets[s][-1]), 1), d), ndt) for role in models for s in streams}
     if tvd_roles:
-        for s in streams:
-            files[("tvd", s)] = np.memmap(tmp / f"tvd.{s}.bin", dtype=np.float32, mode="w+", shape=(max(int(offsets[s][-1]), 1),))
+        shapes.update({("tvd", s): ((max(int(offsets[s][-1]), 1),), np.float32) for s in streams})
+
+    def path(name, s):
+        return tmp / f"{name}.{s}.bin"
+
+    err = None
+    if main:  # create every file at its full size; the others open them once this is done
+        try:
+            if folder.exists() and any(folder.iterdir()):
+                raise TeacherCacheError(f"{folder} exists and is not empty; refusing to write a teacher cache into it")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            from safetensors.torch import save_file
+            for role, (weight, bias) in heads.items():
+                tensors = {"weight": weight.detach().to("cpu").contiguous()}
+                if bias is not None:
+                    tensors["bias"] = bias.detach().to("cpu").contiguous()
+                save_file(tensors, str(tmp / f"head.{role}.safetensors"))
+            for (name, s), (shape, dt) in shapes.items():
+                np.memmap(path(name, s), dtype=dt, mode="w+", shape=shape).flush()
+        except (OSError, TeacherCacheError) as e:
+            err = str(e)
+    ranks.check(err)
+    files = {key: np.memmap(path(*key), dtype=dt, mode="r+", shape=shape) for key, (shape, dt) in shapes.items()}
 
     def write(name, s, start_example, rows, mask):
         arr = files[(name, s)]
+        rows = rows.detach().to("cpu")  # the whole batch at once, not a device copy per example
+        if name != "tvd" and tdt == torch.bfloat16:
+            rows = rows.to(tdt).view(torch.uint16)
+        elif name == "tvd" or tdt == torch.float32:
+            rows = rows.float()
+        rows = rows.numpy()
         for b in range(rows.shape[0]):
             i = start_example + b
             n = int(mask[b].sum())
             lo = int(offsets[s][i])
             if n != offsets[s][i + 1] - lo:
                 raise TeacherCacheError(f"teacher cache: example {i} has {n} response rows, expected {offsets[s][i + 1] - lo}")
-            x = rows[b, :n].detach().to("cpu")
-            if name == "tvd":
-                arr[lo:lo + n] = x.float().numpy()
-            else:
-                x = x.to(tdt)
-                arr[lo:lo + n] = (x.view(torch.uint16) if tdt == torch.bfloat16 else x).numpy()
+            arr[lo:lo + n] = rows[b, :n]
 
+    share = range(ranks.rank * len(features) // ranks.world, (ranks.rank + 1) * len(features) // ranks.world)
+    err = None
+    try:
+        _run_share(models, features, share, collator, batch_size, kind, streams, tvd_roles, chunk_size, device,
+                   write, FL)
+        for arr in files.values():
+            arr.flush()
+    except (OSError, TeacherCacheError, RuntimeError, ValueError) as e:
+        err = f"process {ranks.rank}: {type(e).__name__}: {e}"
+    del files
+    ranks.check(err)
+    if main:
+        try:
+            manifest = {
+                "fingerprint": fp, "roles": sorted(models), "streams": {s: offsets[s].tolist() for s in streams},
+                "hidden_size": d, "vocab_size": vocab, "tvd": list(tvd_roles) if tvd_roles else None,
+                "built_seconds": round(time.time() - started, 1), "built_by_processes": ranks.world,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            if folder.exists():
+                folder.rmdir()
+            os.replace(tmp, folder)
+        except OSError as e:
+            err = str(e)
+    ranks.check(err)
+    log(f"[teacher cache] wrote {folder} ({', '.join(sorted(models))}; {len(features)} examples, "
+        f"{sum(int(o[-1]) for o in offsets.values())} rows, {dtype_name}, {ranks.world} process(es)) "
+        f"in {time.time() - started:.1f}s")
+    return folder
+
+
+def _run_share(models, features, share, collator, batch_size, kind, streams, tvd_roles, chunk_size, device,
+               write, FL) -> None:
+    """Run the frozen models over the examples of ``share`` (a range) and ``write`` their rows."""
     with torch.no_grad():
-        for start in range(0, len(features), batch_size):
-            batch = collator(features[start:start + batch_size])
+        for start in range(share.start, share.stop, batch_size):
+            batch = collator(features[start:min(start + batch_size, share.stop)])
             batch = {k: v.to(device) for k, v in batch.items()}
             outs = {}
             for role, model in models.items():
@@ -237,21 +314,6 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
                     tvd = FL.teacher_tvd(FL.HeadRows(oa.hidden, *oa.head), FL.HeadRows(ob.hidden, *ob.head), oa.mask,
                                          chunk_size=chunk_size)
                     write("tvd", s, start, tvd, oa.mask)
-    for arr in files.values():
-        arr.flush()
-    del files
-    manifest = {
-        "fingerprint": fp, "roles": sorted(models), "streams": {s: offsets[s].tolist() for s in streams},
-        "hidden_size": d, "vocab_size": vocab, "tvd": list(tvd_roles) if tvd_roles else None,
-        "built_seconds": round(time.time() - started, 1),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest))
-    if folder.exists():
-        folder.rmdir()
-    os.replace(tmp, folder)
-    log(f"[teacher cache] wrote {folder} ({', '.join(sorted(models))}; {len(features)} examples, "
-        f"{sum(int(o[-1]) for o in offsets.values())} rows, {dtype_name}) in {time.time() - started:.1f}s")
-    return folder
 
 
 # ----------------------------------------------------------------------------- reading
@@ -302,14 +364,15 @@ def _load_head(path: Path, shape: tuple[int, int], device) -> tuple[torch.Tensor
     if not path.is_file():
         raise _damaged(path.parent, f"{path.name} is missing")
     try:
-        t = load_file(str(path), device=str(device))
+        t = load_file(str(path), device="cpu")  # safetensors refuses "cpu:0" (a gloo process's device)
     except Exception as e:  # safetensors raises its own error type for a cut or garbled file
         raise _damaged(path.parent, f"{path.name} cannot be read ({type(e).__name__}: {e})") from None
     weight = t.get("weight")
     if weight is None or tuple(weight.shape) != tuple(shape):
         got = None if weight is None else tuple(weight.shape)
         raise _damaged(path.parent, f"{path.name} holds a weight of shape {got}, the manifest implies {tuple(shape)}")
-    return weight, t.get("bias")
+    bias = t.get("bias")
+    return weight.to(device), None if bias is None else bias.to(device)
 
 
 class TeacherCache:
