@@ -176,6 +176,22 @@ def test_generation_is_reproducible_across_batch_sizes(tiny):
     assert [(r["prompt_index"], r["sample_index"]) for r in a] == [(i, s) for i in range(5) for s in range(2)]
 
 
+def test_generate_texts_builds_no_autograd_graph(tiny):
+    """make-prefs and eval sample through generate_texts from models whose weights require
+    grad; with autograd on, every step's full-vocabulary tensors stayed alive in the graph
+    (a 24 GiB machine ran out of memory in the frontier study's held-out make-prefs)."""
+    model, tok = tiny
+    assert any(p.requires_grad for p in model.parameters())
+    seen = []
+    hook = model.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.logits.requires_grad)))
+    try:
+        generate_texts(model, tok, PROMPTS[:2], num_samples=2, max_new_tokens=4, seed=0)
+    finally:
+        hook.remove()
+    assert seen and not any(grad or req for grad, req in seen)
+    assert torch.is_grad_enabled()  # the caller's setting is restored
+
+
 # ------------------------------------------------------------ sample_responses
 def test_sample_responses_packs_a_training_batch(tiny):
     """On-policy packing: rows grouped per prompt, the response mask starts right after the

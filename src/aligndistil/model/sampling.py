@@ -316,6 +316,7 @@ def sample_with_logprobs(
     return res
 
 
+@torch.no_grad()  # texts and floats out: an autograd graph over every step would only hold memory
 def generate_texts(
     model: nn.Module,
     tokenizer,
