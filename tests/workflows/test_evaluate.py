@@ -155,6 +155,26 @@ def test_evaluate_end_to_end_self_kl_is_zero(tiny_ws, tmp_path, reward_module):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluation_runs_every_forward_without_autograd(tiny_ws, tmp_path, reward_module, monkeypatch):
+    """Sampling and the KL forwards need no graph; with autograd on (the loaded weights
+    require grad) every sampling step's full-vocabulary tensors were kept alive."""
+    import torch.nn as nn
+
+    seen = []
+    real = nn.Module.__call__
+
+    def spy(self, *a, **k):
+        if type(self).__name__.endswith("ForCausalLM"):
+            seen.append(torch.is_grad_enabled())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(nn.Module, "__call__", spy)
+    evaluate({"other": tiny_ws["model2"]}, reference=tiny_ws["model"], prompts=PROMPTS[:2],
+             reward=f"{reward_module}:vowels", out_dir=tmp_path / "e", max_new_tokens=4, batch_size=4,
+             progress=False, log=lambda *a: None)
+    assert seen and not any(seen)
+
+
 @pytest.mark.parametrize("fn, pattern", [("nan", "non-finite"), ("boom", "scorer offline")])
 def test_evaluate_reports_a_failing_reward(tiny_ws, tmp_path, reward_module, fn, pattern):
     out = tmp_path / "eval"

@@ -285,6 +285,7 @@ def _score(run: _Run, name: str, chunk, texts: list[str]) -> list[float]:
         raise EvalError(f"eval: scoring model {name!r}'s responses failed: {e}; no results.json was written") from e
 
 
+@torch.no_grad()  # sampling and scoring only: with autograd on, every step's tensors stayed in a graph
 def _evaluate_model(name: str, path: str, lm, run: _Run) -> tuple[dict, list[dict]]:
     """Generate, KL and score every batch for one model: its summary and its sample records."""
     from aligndistil.model.sampling import decode_sample, stop_token_ids
