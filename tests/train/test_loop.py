@@ -135,6 +135,14 @@ def test_too_little_data_for_one_batch(tiny_ws, tmp_path):
         Trainer(cfg).train()
 
 
+def launch_args(tiny_ws) -> list[str]:
+    """What every multi-process test's tiny run shares: the models, the data and the lengths
+    (the method, the budget and the batch split are each test's own)."""
+    return [f"model.policy={tiny_ws['model']}", f"model.dpo_model={tiny_ws['model2']}",
+            f"model.reverse_dpo_model={tiny_ws['model']}", f"data.train_file={tiny_ws['prefs']}",
+            "data.max_length=64", "data.max_prompt_length=32", "train.warmup_ratio=0", "train.progress_bar=false"]
+
+
 def _run(cmd, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
@@ -149,10 +157,7 @@ def _run(cmd, **kw):
 ])
 def test_two_processes_equal_one(tiny_ws, tmp_path, method, extra):
     """accelerate launch --num_processes 2 (batch 2 each) == one process with batch 4."""
-    cfg_args = [f"model.policy={tiny_ws['model']}", f"model.dpo_model={tiny_ws['model2']}",
-                f"model.reverse_dpo_model={tiny_ws['model']}", f"data.train_file={tiny_ws['prefs']}",
-                "data.max_length=64", "data.max_prompt_length=32", "train.max_steps=2",
-                "train.learning_rate=0.5", "train.optimizer=sgd", "train.warmup_ratio=0", "train.progress_bar=false",
+    cfg_args = [*launch_args(tiny_ws), "train.max_steps=2", "train.learning_rate=0.5", "train.optimizer=sgd",
                 f"method.name={method}", *extra]
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("{}\n")
@@ -268,11 +273,9 @@ def test_two_process_on_policy_resume_is_exact_and_saves_every_process_rng(tiny_
     ranks' RNG states go into the checkpoint, and a resume from it equals the full run."""
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("{}\n")
-    args = [f"model.policy={tiny_ws['model']}", f"model.dpo_model={tiny_ws['model2']}",
-            f"model.reverse_dpo_model={tiny_ws['model']}", f"data.train_file={tiny_ws['prefs']}",
-            "data.max_length=64", "data.max_prompt_length=32", "train.max_steps=3", "train.save_steps=1",
+    args = [*launch_args(tiny_ws), "train.max_steps=3", "train.save_steps=1",
             "train.save_total_limit=5", "train.per_device_batch_size=2", "train.learning_rate=1e-2",
-            "train.warmup_ratio=0", "train.progress_bar=false", "method.name=aligndistil", "method.mode=on_policy",
+            "method.name=aligndistil", "method.mode=on_policy",
             "method.max_new_tokens=6"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "configs" / "accelerate" / "multi_cpu.yaml"), "-m", "aligndistil", "train", "-c", str(cfg_file)]

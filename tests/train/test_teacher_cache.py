@@ -176,13 +176,10 @@ def test_two_processes_build_the_same_cache_each_over_its_share(tiny_ws, tmp_pat
     process builds, and the manifest records that two built it."""
     import sys
 
-    from test_loop import REPO, _run
+    from test_loop import REPO, _run, launch_args
 
-    args = [f"model.policy={tiny_ws['model']}", f"model.dpo_model={tiny_ws['model2']}",
-            f"model.reverse_dpo_model={tiny_ws['model']}", f"data.train_file={tiny_ws['prefs']}",
-            "data.max_length=64", "data.max_prompt_length=32", "train.max_steps=1", "train.per_device_batch_size=2",
-            "train.warmup_ratio=0", "train.progress_bar=false", "method.name=aligndistil", "method.mode=off_policy",
-            "train.ddp_timeout=600"]
+    args = [*launch_args(tiny_ws), "train.max_steps=1", "train.per_device_batch_size=2",
+            "method.name=aligndistil", "method.mode=off_policy", "train.ddp_timeout=600"]
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("{}\n")
     one, two = tmp_path / "cache1", tmp_path / "cache2"
