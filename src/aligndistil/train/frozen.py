@@ -17,7 +17,9 @@ import torch
 
 from aligndistil.config import ConfigError, RunConfig
 from aligndistil.model import lora as LR
+from aligndistil.train import sharded as SH
 from aligndistil.train import teacher_cache as TC
+from aligndistil.train.accel import on_main
 
 # The LoRA policy as the checkpoint writers and a method's make_modules see it (model/lora.py).
 saveable = LR.saveable
@@ -41,8 +43,7 @@ def check_setup(cfg: RunConfig, method, accelerator=None) -> None:
         if path:
             LR.check_adapter_base(f"model.{role}", path, m.policy, policy_lora=m.lora is not None)
     if m.lora is not None:
-        kind = str(getattr(accelerator, "distributed_type", "")).upper()
-        if "FSDP" in kind or "DEEPSPEED" in kind:
+        if SH.is_sharded(accelerator):
             raise ConfigError("model.lora is not supported under FSDP or DeepSpeed by this trainer (frozen roles run on "
                               "the policy's base between its forward and backward); use DDP or one process")
         LR.check_target_modules_early(m.policy, list(m.lora.target_modules), m.trust_remote_code)
@@ -118,8 +119,6 @@ def open_teacher_cache(cfg: RunConfig, method, acc, *, features, collator, polic
             fp["weights"][role] = {"adapter": fp["weights"][role], "base": TC.hash_model_files(LR.adapter_base(path))}
     folder = Path(cfg.train.teacher_cache)
     # The main process decides for all (they must all build, or none: the build is collective).
-    from aligndistil.train.accel import on_main
-
     if on_main(acc, lambda: not (folder / TC.MANIFEST).is_file()):
         log(f"[teacher cache] building {folder} (the frozen models run once over the data, "
             f"split over {acc.num_processes} process(es))")

@@ -229,10 +229,7 @@ class Trainer:
     def _load_frozen(self, role: str, dtype, shard: bool = True):
         m = FR.load_frozen(self.cfg, role, dtype, policy=self.policy, tokenizer=self.tokenizer,
                            device=self.accelerator.device, log=self._log)
-        if not (shard and SH.is_fsdp2(self.accelerator)):
-            return m
-        self._log(f"[fsdp] model.{role}: sharded over {self.accelerator.num_processes} processes")
-        return SH.shard_frozen(self.accelerator, m)
+        return SH.shard_frozen(self.accelerator, m, f"model.{role}", log=self._log) if shard else m
 
     def _teacher_cache(self, dtype):
         return FR.open_teacher_cache(self.cfg, self.method, self.accelerator, features=self.features,

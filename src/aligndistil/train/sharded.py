@@ -107,7 +107,7 @@ def module_states(acc, modules: dict) -> dict:
             for k, m in modules.items()}
 
 
-def shard_frozen(acc, model: nn.Module) -> nn.Module:
+def shard_frozen(acc, model: nn.Module, name: str, log=print) -> nn.Module:
     """Under FSDP2, shard a frozen ``model`` over the processes like the policy: each block
     its architecture declares unsplittable (``_no_split_modules``: the decoder layers), then
     the rest. Every process must call it, and every forward of the model is then a
@@ -118,6 +118,7 @@ def shard_frozen(acc, model: nn.Module) -> nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard
 
+    log(f"[fsdp] {name}: sharded over {acc.num_processes} processes")
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for m in model.modules():
         if type(m).__name__ in blocks:

@@ -185,8 +185,6 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
             (the method's ``Method.tvd_roles``).
         ranks: this process among those building the cache (default: the only one).
     """
-    from aligndistil.losses import fused as FL
-
     ranks = ranks or Ranks()
     main = ranks.rank == 0
     folder = Path(folder)
@@ -245,11 +243,8 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
     def write(name, s, start_example, rows, mask):
         arr = files[(name, s)]
         rows = rows.detach().to("cpu")  # the whole batch at once, not a device copy per example
-        if name != "tvd" and tdt == torch.bfloat16:
-            rows = rows.to(tdt).view(torch.uint16)
-        elif name == "tvd" or tdt == torch.float32:
-            rows = rows.float()
-        rows = rows.numpy()
+        bf16 = name != "tvd" and tdt == torch.bfloat16  # stored as its raw 16 bits
+        rows = (rows.to(tdt).view(torch.uint16) if bf16 else rows.float()).numpy()
         for b in range(rows.shape[0]):
             i = start_example + b
             n = int(mask[b].sum())
@@ -262,7 +257,7 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
     err = None
     try:
         _run_share(models, features, share, collator, batch_size, kind, streams, tvd_roles, chunk_size, device,
-                   write, FL)
+                   write)
         for arr in files.values():
             arr.flush()
     except (OSError, TeacherCacheError, RuntimeError, ValueError) as e:
@@ -290,8 +285,10 @@ def build(folder: str | os.PathLike, *, models: dict, features: list[dict], coll
 
 
 def _run_share(models, features, share, collator, batch_size, kind, streams, tvd_roles, chunk_size, device,
-               write, FL) -> None:
+               write) -> None:
     """Run the frozen models over the examples of ``share`` (a range) and ``write`` their rows."""
+    from aligndistil.losses import fused as FL
+
     with torch.no_grad():
         for start in range(share.start, share.stop, batch_size):
             batch = collator(features[start:min(start + batch_size, share.stop)])
