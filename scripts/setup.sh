@@ -28,4 +28,12 @@ if ! python -c "import llama_cpp, uvicorn, fastapi, sse_starlette, starlette_con
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     pip install -q "llama-cpp-python[server]==0.3.36" 2>&1 | grep -v "^WARNING: Location" || true
 fi
+# DeepSpeed, for the ZeRO tests on two CPU processes (tests/train/test_deepspeed.py). Only its
+# source is on PyPI, and its setup.py imports torch: --no-build-isolation builds it against
+# the torch installed above (a build environment of its own would fetch another torch).
+# DS_BUILD_OPS=0 compiles no kernels now; the one its CPU backend needs (shared-memory
+# all-reduce) is compiled on first use, about 40 s on 2 cores.
+if ! python -c "import deepspeed" 2>/dev/null; then
+  DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 python -c "import torch, transformers, accelerate; print(f'[setup] torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}')"

@@ -1,6 +1,6 @@
 """FSDP2 on two CPU processes (gloo), with the shipped ``configs/accelerate/fsdp.yaml``.
 
-accelerate enables FSDP only on GPUs; ``_fsdp_cpu.py`` lifts that one restriction, so what
+accelerate enables FSDP only on GPUs; ``_sharded_cpu.py`` lifts that one restriction, so what
 runs here is the trainer's own FSDP code: the policy, its optimizer state and the frozen
 teachers sharded over two processes, the full weights gathered on both for saving, and the
 name-keyed optimizer state loaded after ``prepare`` on resume.
@@ -55,7 +55,7 @@ def _launch(tmp_path) -> list:
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("{}\n")
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_cpu_config(tmp_path)),
-            str(HERE / "_fsdp_cpu.py"), "train", "-c", str(cfg_file)]
+            str(HERE / "_sharded_cpu.py"), "train", "-c", str(cfg_file)]
 
 
 def test_fsdp2_on_two_processes_equals_one_saves_and_resumes_exactly(tiny_ws, tmp_path):
@@ -96,7 +96,7 @@ def test_a_second_trainable_module_is_refused_under_fsdp(tiny_ws, tmp_path):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text("{}\n")
     res = _run_failing([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                        str(_cpu_config(tmp_path)), str(HERE / "_fsdp_cpu.py"), "train", "-c", str(cfg_file),
+                        str(_cpu_config(tmp_path)), str(HERE / "_sharded_cpu.py"), "train", "-c", str(cfg_file),
                         f"model.policy={tiny_ws['model']}", f"data.train_file={tiny_ws['prefs']}",
                         "method.name=sparsepo", f"train.output_dir={tmp_path / 'o'}"])
     assert "trains a second module beside the policy" in res.stderr and "use DDP" in res.stderr

@@ -287,10 +287,15 @@ def rotate(out: Path, fingerprint: str, keep: int, upto: int) -> list[Path]:
     return gone
 
 
-def load_trainer_state(ckpt: Path, fingerprint: str) -> dict:
-    """``trainer_state.pt`` of ``ckpt``, refused unless it was written by a run of this config."""
+def load_trainer_state(ckpt: Path, fingerprint: str, trusted: tuple = ()) -> dict:
+    """``trainer_state.pt`` of ``ckpt``, refused unless it was written by a run of this config.
+
+    It is read with ``weights_only=True`` (tensors and plain data, never code); ``trusted``
+    names the few classes besides those that may appear (DeepSpeed's optimizer state holds some).
+    """
     try:
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(trusted)):
+            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged file
         raise CheckpointError(f"--resume: {ckpt / TRAINER_STATE} cannot be read: {e}") from e
     if state["fingerprint"] != fingerprint:

@@ -238,8 +238,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _load_trainer_state(self, ckpt: Path) -> None:
-        state = CK.load_trainer_state(ckpt, self.cfg.fingerprint())
-        if SH.is_fsdp(self.accelerator) or state.get("optimizer_format"):
+        state = CK.load_trainer_state(ckpt, self.cfg.fingerprint(), trusted=SH.deepspeed_state_classes())
+        if SH.is_sharded(self.accelerator) or state.get("optimizer_format"):
+            SH.check_optimizer_format(self.accelerator, state["optimizer"], state.get("optimizer_format"))
             self._optimizer_to_load = state  # sharded: only after prepare (train/sharded.py)
         else:
             self.optimizer.load_state_dict(state["optimizer"])

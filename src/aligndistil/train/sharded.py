@@ -20,8 +20,12 @@ moments). Three things follow, each of which fails when only the main process ac
 
 Without sharding (one process, DDP) every function here is the plain
 ``state_dict()`` / ``load_state_dict()`` of before, and checkpoints keep their format.
-DeepSpeed keeps its own optimizer state; only its ZeRO-3 weights go through here
-(accelerate's ``get_state_dict`` consolidates them).
+DeepSpeed's ZeRO optimizer partitions its state (fp32 master weights and AdamW moments)
+over the processes too, in flat buffers of its own layout. Each process's partition,
+DeepSpeed's own ``state_dict()``, is gathered to the main process and saved as a list
+(:data:`PER_RANK`); a resume hands every process the list, from which DeepSpeed takes its
+own partition, fp32 master weights included, so a bf16 model resumes without rounding.
+The list fits the same number of processes only, which a resume checks.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from aligndistil.model.outputs import unwrap
+from aligndistil.train.checkpoints import CheckpointError
 
 #: ``trainer_state.pt``'s ``optimizer_format`` when the optimizer state is the full,
 #: name-keyed one of :func:`optimizer_state` (absent: ``torch.optim``'s own, id-keyed).
 FULL_BY_NAME = "full_by_name"
+#: ``optimizer_format`` of DeepSpeed's ZeRO optimizer: one ``state_dict()`` per process, in rank order.
+PER_RANK = "deepspeed_per_rank"
 
 
 def is_fsdp(acc) -> bool:
@@ -42,6 +49,10 @@ def is_fsdp(acc) -> bool:
 def is_fsdp2(acc) -> bool:
     return is_fsdp(acc) and getattr(getattr(acc, "state", None), "fsdp_plugin", None) is not None \
         and acc.state.fsdp_plugin.fsdp_version == 2
+
+
+def is_deepspeed(acc) -> bool:
+    return getattr(getattr(acc, "state", None), "deepspeed_plugin", None) is not None
 
 
 def is_sharded(acc) -> bool:
@@ -65,12 +76,19 @@ def _named(policy, modules: dict) -> nn.Module:
     return nn.ModuleDict({"policy": policy, **{f"module_{k}": m for k, m in modules.items()}})
 
 
-def optimizer_state(acc, policy, modules: dict, optimizer) -> tuple[dict, str | None]:
+def optimizer_state(acc, policy, modules: dict, optimizer) -> tuple[dict | list, str | None]:
     """``(state, format)`` of ``optimizer`` for ``trainer_state.pt``; call on every process.
 
     Under FSDP the full state keyed by parameter name (:data:`FULL_BY_NAME`), gathered to the
-    CPU; otherwise ``optimizer.state_dict()`` and format None.
+    CPU; under DeepSpeed every process's partition, in rank order (:data:`PER_RANK`);
+    otherwise ``optimizer.state_dict()`` and format None.
     """
+    if is_deepspeed(acc):
+        from accelerate.utils import gather_object
+
+        zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer
+        mine = _to_cpu(zero.state_dict())
+        return (gather_object([mine]) if acc.num_processes > 1 else [mine]), PER_RANK
     if not is_fsdp(acc):
         return optimizer.state_dict(), None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -81,24 +99,67 @@ def optimizer_state(acc, policy, modules: dict, optimizer) -> tuple[dict, str | 
     return state, FULL_BY_NAME
 
 
-def load_optimizer_state(acc, policy, modules: dict, optimizer, state: dict, fmt: str | None) -> None:
-    """Load what :func:`optimizer_state` saved into the PREPARED ``optimizer`` (every process).
+def _to_cpu(obj):
+    """``obj`` with every tensor in it moved to the CPU (what is gathered and saved)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def deepspeed_state_classes() -> tuple:
+    """The classes besides tensors and plain data in DeepSpeed's ZeRO optimizer state (its
+    loss scaler, stage and parameter-slice records), which a ``weights_only`` load of a
+    checkpoint must be allowed to rebuild; empty when DeepSpeed is not installed."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return ()
+    return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
+
+
+def _launch_kind(fmt: str | None) -> str:
+    return {FULL_BY_NAME: "under FSDP", PER_RANK: "under DeepSpeed"}.get(fmt, "without FSDP or DeepSpeed")
+
+
+def check_optimizer_format(acc, state, fmt: str | None) -> None:
+    """Refuse a checkpoint's optimizer state that this launch cannot load (checked when the
+    checkpoint is read, before any model is loaded).
 
     Raises:
-        ValueError: the checkpoint's format does not fit this launch (a sharded checkpoint
-            resumed without FSDP, or the other way round).
+        CheckpointError: written under FSDP, DeepSpeed or neither, and resumed under another; or by
+            another number of DeepSpeed processes.
     """
-    if (fmt == FULL_BY_NAME) != is_fsdp(acc):
-        saved = "under FSDP" if fmt == FULL_BY_NAME else "without FSDP"
-        raise ValueError(f"the checkpoint's optimizer state was written {saved}; resume it with the same "
-                         "kind of launch (or start afresh)")
-    if fmt != FULL_BY_NAME:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    here = PER_RANK if is_deepspeed(acc) else FULL_BY_NAME if is_fsdp(acc) else None
+    if fmt != here:
+        raise CheckpointError(f"--resume: the checkpoint's optimizer state was written {_launch_kind(fmt)} and this launch "
+                         f"runs {_launch_kind(here)}; resume it with the same kind of launch (or start afresh)")
+    if fmt == PER_RANK and len(state) != acc.num_processes:
+        raise CheckpointError(f"--resume: the checkpoint's DeepSpeed optimizer state is partitioned over {len(state)} "
+                         f"processes; resume it with {len(state)}, not {acc.num_processes}")
 
-    opt = getattr(optimizer, "optimizer", optimizer)
-    set_optimizer_state_dict(_named(policy, modules), opt, state, options=StateDictOptions(full_state_dict=True))
+
+def load_optimizer_state(acc, policy, modules: dict, optimizer, state, fmt: str | None) -> None:
+    """Load what :func:`optimizer_state` saved into the PREPARED ``optimizer`` (every process);
+    :func:`check_optimizer_format` first."""
+    check_optimizer_format(acc, state, fmt)
+    if fmt is None:
+        optimizer.load_state_dict(state)
+    elif fmt == PER_RANK:  # DeepSpeed takes this process's partition from the list
+        zero = getattr(optimizer, "optimizer", optimizer)
+        zero.load_state_dict(state, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opt = getattr(optimizer, "optimizer", optimizer)
+        set_optimizer_state_dict(_named(policy, modules), opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def module_states(acc, modules: dict) -> dict:

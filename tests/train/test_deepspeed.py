@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO-2 on two CPU processes (gloo), with the shipped
+``configs/accelerate/deepspeed_zero2.yaml``.
+
+DeepSpeed runs on CPU processes through its own CPU accelerator; accelerate enables it only
+on GPUs, and ``_sharded_cpu.py`` lifts that one restriction. What runs here is DeepSpeed's
+engine and ZeRO optimizer with the trainer's DeepSpeed code: the ``auto`` values filled from
+the run config, the accumulation boundary the loop marks itself (one engine step per
+optimizer step), clipping by ``train.max_grad_norm``, and the per-process optimizer
+partitions saved and loaded on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from test_loop import REPO, _run, assert_same_weights, launch_args, losses
+
+pytest.importorskip("deepspeed")
+
+HERE = Path(__file__).resolve().parent
+
+
+def _launch(tmp_path) -> list:
+    """accelerate launch of the shipped ZeRO-2 config on two CPU processes, without mixed
+    precision (bf16 on a CPU is slow and would blur the comparison with one process)."""
+    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == 2
+    cfg.update(num_processes=2, mixed_precision="no")
+    (tmp_path / "ds_cpu.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "run.yaml").write_text("{}\n")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "ds_cpu.yaml"),
+            str(HERE / "_sharded_cpu.py"), "train", "-c", str(tmp_path / "run.yaml")]
+
+
+def _grad_norms(folder) -> list[float]:
+    return [json.loads(x)["grad_norm"] for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_with_accumulation_and_clipping_equals_one_process(tiny_ws, tmp_path):
+    """Off-policy AlignDistil (fused loss, two frozen teachers), SGD, 2 steps, clipping at 0.005:
+    two ZeRO-2 processes x batch 1 x accumulation 2 equal one process with batch 4.
+
+    Each step's gradient norm (about 0.012) is above 0.005, so a run that ignored ``train.max_grad_norm``
+    would take a larger step; and an engine stepping on every micro-batch (DeepSpeed's own
+    boundary count, were the loop not marking it) would take two steps per optimizer step.
+    Either would change the saved weights by far more than the tolerance."""
+    args = [*launch_args(tiny_ws), "train.max_steps=2", "train.optimizer=sgd", "train.learning_rate=0.5",
+            "train.max_grad_norm=0.005", "method.name=aligndistil", "method.mode=off_policy"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = _launch(tmp_path)
+    _run([sys.executable, "-m", "aligndistil", "train", "-c", launch[-1], *args,
+          "train.per_device_batch_size=4", f"train.output_dir={one}"])
+    res = _run([*launch, *args, "train.per_device_batch_size=1", "train.gradient_accumulation_steps=2",
+                f"train.output_dir={two}"])
+    assert "deepspeed" in (res.stdout + res.stderr).lower()
+    assert all(g > 0.005 for g in _grad_norms(one)), _grad_norms(one)  # clipping is in play
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert _grad_norms(two) == pytest.approx(_grad_norms(one), rel=1e-4)
+    assert_same_weights(one, two, atol=1e-5)
+
+
+def test_zero2_resumes_exactly_from_each_process_optimizer_partition(tiny_ws, tmp_path):
+    """DPO with AdamW, 3 steps, a checkpoint after each: the checkpoint holds DeepSpeed's
+    optimizer partition of each process (two of them), and a run resumed from checkpoint-1
+    ends with the same losses and weights as the uninterrupted one (AdamW moments and fp32
+    master weights restored, not restarted)."""
+    args = [*launch_args(tiny_ws), "train.max_steps=3", "train.save_steps=1", "train.save_total_limit=5",
+            "train.optimizer=adamw", "train.learning_rate=1e-2", "train.per_device_batch_size=2",
+            "method.name=dpo"]
+    launch = _launch(tmp_path)
+    full, died = tmp_path / "full", tmp_path / "died"
+    _run([*launch, *args, f"train.output_dir={full}"])
+    from aligndistil.train import sharded as SH
+
+    with torch.serialization.safe_globals(list(SH.deepspeed_state_classes())):
+        state = torch.load(full / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert state["optimizer_format"] == SH.PER_RANK and len(state["optimizer"]) == 2
+    # Each partition holds half of the policy's flat fp32 weights (11,696 of the tiny model's 23,392).
+    halves = [p["single_partition_of_fp32_groups"][0].numel() for p in state["optimizer"]]
+    assert sum(halves) == sum(v.numel() for v in _weights(full).values()) and halves[0] == halves[1]
+    died.mkdir()
+    shutil.copytree(full / "checkpoint-1", died / "checkpoint-1")
+    (died / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    res = _run([*launch, "--resume", *args, f"train.output_dir={died}"])
+    assert "[resume] from" in res.stdout + res.stderr
+    assert losses(died) == pytest.approx(losses(full), abs=1e-6)
+    assert_same_weights(full, died, atol=1e-6)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
