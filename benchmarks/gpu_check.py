@@ -18,8 +18,11 @@ It writes ``<out>.json`` and ``<out>.md`` with one section per check:
    fall; step time and peak memory for the plain and fused loss paths.
 5. ``on_policy_resume``: on-policy AlignDistil, 4 steps straight vs 2 steps + ``--resume``:
    weights and logged losses must be identical (CUDA RNG saved and restored).
-6. ``fsdp_single_gpu``: ``accelerate launch`` with ``configs/accelerate/fsdp.yaml`` on one
-   process, DPO and AlignDistil, then a resume: exit codes and the last lines.
+6. ``sharded_single_gpu``: ``accelerate launch`` with each shipped sharded config
+   (``fsdp.yaml``, ``deepspeed_zero2.yaml``, ``deepspeed_zero3.yaml``, bf16 as shipped) on one
+   process: DPO and off-policy AlignDistil (ZeRO-3: on-policy too), 4 steps, then a resume
+   from step 2: exit codes, the loss path in use, the errors. (Two processes of each run in
+   the CPU test suite, without bf16: tests/train/test_fsdp.py and test_deepspeed.py.)
 
 Every check runs in its own ``try``: one failure is recorded and the others still run.
 """
@@ -262,18 +265,31 @@ def on_policy_resume(ws, tmp):
     return {"max_weight_diff": max_diff, "losses_full": la, "losses_resumed": lb, "exact": max_diff == 0 and la == lb}
 
 
-def fsdp_single_gpu(ws, tmp):
+SHARDED_RUNS = (  # (accelerate config, method, its tiny config, extra overrides)
+    ("fsdp", "dpo", "dpo", []),
+    ("fsdp", "aligndistil", "aligndistil_off_policy", ["method.mode=off_policy"]),
+    ("deepspeed_zero2", "aligndistil", "aligndistil_off_policy", ["method.mode=off_policy"]),
+    ("deepspeed_zero3", "dpo", "dpo", []),
+    ("deepspeed_zero3", "aligndistil", "aligndistil_off_policy", ["method.mode=off_policy"]),
+    ("deepspeed_zero3", "aligndistil-on", "aligndistil_on_policy", ["method.mode=on_policy", "method.max_new_tokens=8"]),
+)
+
+
+def sharded_single_gpu(ws, tmp):
+    """Each shipped sharded accelerate config (with its bf16) on one process: train 4 steps
+    with a checkpoint at 2, then resume from it; exit codes, the loss path and the errors."""
     res = {}
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    for method, extra in (("dpo", []), ("aligndistil", ["method.mode=off_policy"])):
-        out = tmp / f"fsdp-{method}"
+    for accel, method, tiny, extra in SHARDED_RUNS:
+        out = tmp / f"{accel}-{method}"
         overrides = [f"model.policy={ws['model']}", f"model.dpo_model={ws['model2']}",
                      f"model.reverse_dpo_model={ws['model']}", f"data.train_file={ws['prefs']}",
                      f"train.output_dir={out}", "train.max_steps=4", "train.save_steps=2",
-                     "train.per_device_batch_size=4", "train.progress_bar=false", f"method.name={method}", *extra]
+                     "train.per_device_batch_size=4", "train.progress_bar=false",
+                     f"method.name={method.split('-')[0]}", *extra]
         base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "configs/accelerate/fsdp.yaml"), "--num_processes", "1", "-m", "aligndistil", "train",
-                "-c", str(REPO / f"configs/tiny/{method if method == 'dpo' else 'aligndistil_off_policy'}.yaml")]
+                str(REPO / f"configs/accelerate/{accel}.yaml"), "--num_processes", "1", "-m", "aligndistil", "train",
+                "-c", str(REPO / f"configs/tiny/{tiny}.yaml")]
         runs = {}
         for name, cmd in (("train", base + overrides), ("resume", base + ["--resume"] + overrides)):
             if name == "resume":
@@ -282,8 +298,9 @@ def fsdp_single_gpu(ws, tmp):
             text = p.stdout + p.stderr
             errors = [ln for ln in text.splitlines() if "Error" in ln or "error:" in ln][-6:]
             runs[name] = {"rc": p.returncode, "errors": errors, "tail": text[-400:]}
-        runs["saved_model"] = (out / "model.safetensors").is_file()
-        res[method] = runs
+        done = out / "COMPLETE.json"
+        runs["loss_path"] = json.loads(done.read_text()).get("loss_path") if done.is_file() else None
+        res[f"{accel}/{method}"] = runs
     return res
 
 
@@ -334,7 +351,7 @@ def main(argv=None):
         "bf16_master_weights": lambda: bf16_master_weights(ws, tmp),
         "bf16_step": lambda: bf16_step(ws, tmp),
         "on_policy_resume": lambda: on_policy_resume(ws, tmp),
-        "fsdp_single_gpu": lambda: fsdp_single_gpu(ws, tmp),
+        "sharded_single_gpu": lambda: sharded_single_gpu(ws, tmp),
     }
     results = {"device": torch.cuda.get_device_name(0) if CUDA else "cpu (smoke)", "torch": torch.__version__,
                "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), "checks": {}}

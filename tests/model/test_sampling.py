@@ -326,3 +326,28 @@ def test_sample_responses_follow_the_global_seed_and_report_eos(tiny):
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = a["input_ids"].gather(1, (a["response_mask"].cumsum(1).argmax(1, keepdim=True)))[:, 0]
     assert a["ended"].tolist() == (last == e).tolist()
+
+
+def test_a_sharded_policy_samples_until_every_process_has_ended(tiny):
+    """With ``all_done`` (FSDP, ZeRO-3: every forward is a collective) a process whose rows
+    have all ended keeps stepping, with padding, until the others have ended too; its
+    samples are the ones it would have drawn alone. Every token is EOS here, so this
+    process's rows all end at the first token."""
+    model, tok = tiny
+    ids, att = _prompts(tok, PROMPTS[:2])
+    every = list(range(model.config.vocab_size))
+    alone = _sample(model, tok, ids, att, [1, 2], eos_token_ids=every)
+    assert alone["tokens"].shape[1] == 1 and alone["ended"].all()
+    asked = []
+
+    def others_end_after_four(mine: bool) -> bool:  # the other process's rows end at its 4th token
+        asked.append(mine)
+        return mine and len(asked) >= 4
+
+    synced = _sample(model, tok, ids, att, [1, 2], eos_token_ids=every, all_done=others_end_after_four)
+    assert asked == [True] * 4  # asked once per step, this process done from the first
+    assert synced["tokens"].shape[1] == 4
+    assert torch.equal(synced["tokens"][:, :1], alone["tokens"])
+    assert (synced["tokens"][:, 1:] == tok.pad_token_id).all()
+    assert synced["mask"].tolist() == [[1, 0, 0, 0]] * 2
+    assert torch.equal(synced["logps"][:, :1], alone["logps"]) and (synced["logps"][:, 1:] == 0).all()

@@ -197,10 +197,29 @@ def linear_head(model: nn.Module) -> tuple | None:
     head = unwrap(model).get_output_embeddings()
     if head is None or type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear):
         return None
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3: partitioned, 0 elements outside the head's forward
+        return _zero3_gathered(head)
     # FSDP2 leaves the root's weights (the head's among them) gathered after a forward; a head
     # read while sharded is a DTensor, gathered here (differentiably) rather than used as a shard.
     weight, bias = (p.full_tensor() if hasattr(p, "full_tensor") else p for p in (head.weight, head.bias))
     return weight, bias
+
+
+def _zero3_gathered(head: nn.Linear) -> tuple:
+    """``(weight, bias)`` of a ZeRO-3 partitioned head as whole tensors that autograd links to
+    the parameters: the head is called with a forward that returns copies of them, so
+    DeepSpeed's own hooks gather the parameters around the call and again in backward, where
+    the copies' gradients reach the parameters and DeepSpeed reduces and partitions them.
+    The fused losses read the weight outside any module's forward (never calling the head),
+    which ZeRO-3 would otherwise see as an empty tensor. Costs one copy of the head per call."""
+    def copies(_rows):
+        return head.weight * 1, None if head.bias is None else head.bias * 1
+
+    head.forward = copies
+    try:
+        return head(torch.empty(0))
+    finally:
+        del head.forward  # back to the class's forward
 
 
 def _low_precision(model: nn.Module, head: nn.Module) -> bool:

@@ -55,6 +55,7 @@ def sample_responses(
     eos_token_id=None,
     pad_token_id: int = 0,
     seeds: list[int] | None = None,
+    all_done=None,
 ) -> dict[str, torch.Tensor]:
     """Sample responses from the policy's own distribution and pack them as a training batch.
 
@@ -77,6 +78,7 @@ def sample_responses(
         seeds: one per row (``B * num_samples``); default: drawn from torch's global CPU
             generator, so that a run's samples follow ``train.seed`` and a resume that
             restores the RNG state draws the same ones.
+        all_done: for a sharded model, see :func:`sample_with_logprobs`.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``response_mask``: ``(B * num_samples, Lp + N)``;
@@ -100,7 +102,7 @@ def sample_responses(
     out = sample_with_logprobs(
         model, ids, att, max_new_tokens=max_new_tokens, seeds=seeds,
         temperature=temperature if do_sample else 1.0, top_p=top_p if do_sample else 1e-12,
-        eos_token_ids=eos, pad_token_id=pad_token_id,
+        eos_token_ids=eos, pad_token_id=pad_token_id, all_done=all_done,
     )
     # A sample that is EOS at its first step has exactly one response token (the EOS):
     # still a valid (short) response, never an empty one.
@@ -227,6 +229,7 @@ def sample_with_logprobs(
     eos_token_ids: list[int] | None = None,
     pad_token_id: int = 0,
     return_logits: bool = False,
+    all_done=None,
 ) -> dict[str, torch.Tensor]:
     """Sample one response per row with a KV cache; every row has its own random stream.
 
@@ -245,6 +248,11 @@ def sample_with_logprobs(
         eos_token_ids: ids that end a response (default: the model's generation config).
         pad_token_id: written after a row's EOS.
         return_logits: also return the model's logits ``(B, N, V)`` at every sampled position.
+        all_done: ``all_done(mine) -> bool``, whether every process's rows have ended given
+            whether this one's have, for a sharded model (FSDP, ZeRO-3) whose every forward is
+            a collective: the processes then stop together (rows already ended get padding),
+            where stopping alone would leave the others waiting in their next forward.
+            None: stop when this process's rows have ended.
 
     Returns:
         ``tokens (B, N)`` (pad after EOS), ``mask (B, N)`` (1 up to and including the first
@@ -295,7 +303,8 @@ def sample_with_logprobs(
                 all_logits.append(logits)
             if eos_t is not None:
                 done = done | (live & torch.isin(nxt, eos_t))
-            if bool(done.all()) or t == max_new_tokens - 1:
+            ended = bool(done.all())
+            if t == max_new_tokens - 1 or (all_done(ended) if all_done is not None else ended):
                 break
             att = torch.cat([att, (~done).long()[:, None]], dim=1)
             out = net(input_ids=nxt[:, None], attention_mask=att, position_ids=next_pos[:, None],

@@ -135,6 +135,9 @@ def apply_deepspeed_config(acc, cfg: RunConfig) -> None:
     ds.update(resolve_deepspeed_config(ds, per_device_batch_size=t.per_device_batch_size,
                                        gradient_accumulation_steps=t.gradient_accumulation_steps,
                                        world_size=acc.num_processes, max_grad_norm=t.max_grad_norm))
+    zero = ds.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:  # the trainer writes whole HF folders: gather the weights to save them
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def seed_sampling(seed: int, rank: int) -> None:

@@ -84,6 +84,12 @@ def load_frozen(cfg: RunConfig, role: str, dtype, *, policy, tokenizer, device, 
     return m.to(device)
 
 
+def _rows(weight) -> int:
+    """A head's vocabulary size; under ZeRO-3 its weight is partitioned (0 elements here) and
+    DeepSpeed keeps the full shape in ``ds_shape``."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def check_vocab(cfg: RunConfig, role: str, path: str, model, *, policy, tokenizer, log=print) -> None:
     """Refuse a frozen model whose vocabulary is not the policy's: token-level losses compare
     distributions id by id. The head sizes must match; when the model's folder has a
@@ -91,8 +97,7 @@ def check_vocab(cfg: RunConfig, role: str, path: str, model, *, policy, tokenize
     right size over another tokenizer would otherwise train silently on nonsense)."""
     from aligndistil.model.loading import ModelLoadError, check_same_vocab, load_tokenizer
 
-    pv = policy.get_output_embeddings().weight.shape[0]
-    mv = model.get_output_embeddings().weight.shape[0]
+    pv, mv = (_rows(m.get_output_embeddings().weight) for m in (policy, model))
     if pv != mv:
         raise ValueError(
             f"model.{role} ({path}) has a vocabulary of {mv} but the policy ({cfg.model.policy}) has {pv}: "
@@ -129,7 +134,7 @@ def open_teacher_cache(cfg: RunConfig, method, acc, *, features, collator, polic
                  ranks=TC.Ranks(acc.process_index, acc.num_processes, agree=_agree(acc)))
         del models
     cache = TC.TeacherCache(folder, fp, device=acc.device)
-    pv = policy.get_output_embeddings().weight.shape[0]
+    pv = _rows(policy.get_output_embeddings().weight)
     if cache.vocab_size != pv:
         raise ValueError(f"teacher cache {folder} has a vocabulary of {cache.vocab_size} but the policy has {pv}")
     log(f"[teacher cache] using {folder} for {', '.join(cache.roles)}")

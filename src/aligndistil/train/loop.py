@@ -169,6 +169,9 @@ class Trainer:
         self.collator = D.PreferenceCollator(self.tokenizer.pad_token_id, self.method.batch)
 
         dtype = getattr(torch, cfg.model.dtype)  # the frozen models'; the policy trains in float32 (accel.py)
+        # DeepSpeed cannot size its batch without a DataLoader; resolved before any model is
+        # loaded, since under ZeRO-3 the frozen models get engines of their own from this config.
+        A.apply_deepspeed_config(acc, cfg)
         self.start_step = 0
         ckpt = self.ckpt
         policy_path = str(ckpt / "model") if ckpt else cfg.model.policy
@@ -211,7 +214,6 @@ class Trainer:
                                        num_training_steps=self.total_steps)
         if ckpt:
             self._load_trainer_state(ckpt)
-        A.apply_deepspeed_config(acc, cfg)  # DeepSpeed cannot size its batch without a DataLoader
         self.deepspeed = A.uses_deepspeed(acc)
         # The optimizer goes last: accelerate moves an optimizer's state (a resumed run's
         # AdamW moments) to the device when it prepares it, so every module it holds
@@ -227,8 +229,9 @@ class Trainer:
         self.policy.train()
 
     def _load_frozen(self, role: str, dtype, shard: bool = True):
-        m = FR.load_frozen(self.cfg, role, dtype, policy=self.policy, tokenizer=self.tokenizer,
-                           device=self.accelerator.device, log=self._log)
+        with contextlib.nullcontext() if shard else SH.loaded_whole(self.accelerator):
+            m = FR.load_frozen(self.cfg, role, dtype, policy=self.policy, tokenizer=self.tokenizer,
+                               device=self.accelerator.device, log=self._log)
         return SH.shard_frozen(self.accelerator, m, f"model.{role}", log=self._log) if shard else m
 
     def _teacher_cache(self, dtype):
@@ -306,7 +309,13 @@ class Trainer:
             loss_path=self.cfg.train.loss_path, chunk_size=self.chunk_size,
             compile_loss=self.cfg.train.compile_loss,
             cache=getattr(self, "cache", None), tokenizer=self.tokenizer, sampler=getattr(self, "sampler", None),
+            all_done=self._all_done if SH.collective_forwards(acc) else None,
         )
+
+    def _all_done(self, mine: bool) -> bool:
+        """Whether every process's samples have ended (a sharded policy's processes sample together)."""
+        n = self.accelerator.reduce(torch.tensor(float(not mine), device=self.accelerator.device), reduction="sum")
+        return float(n) == 0
 
     def train_step(self, step: int) -> dict:
         """One step; returns the step's metrics (averaged over the global batch and its updates).

@@ -49,6 +49,9 @@ class StepContext:
         tokenizer: the policy's tokenizer (online methods decode samples for their reward).
         sampler: the on-policy sampler when it is not our HF sampling loop (a vLLM engine,
             :mod:`aligndistil.model.vllm_sampler`), else None.
+        all_done: when every forward of the policy is a collective (FSDP, ZeRO-3), whether
+            every process's samples have ended (:func:`~aligndistil.model.sampling.sample_with_logprobs`);
+            None otherwise.
     """
 
     policy: nn.Module
@@ -64,6 +67,7 @@ class StepContext:
     cache: object = None
     tokenizer: object = None
     sampler: object = None
+    all_done: Callable[[bool], bool] | None = None
 
     @property
     def fused(self) -> bool:
@@ -371,10 +375,11 @@ def aligndistil_step(ctx: StepContext, batch: dict):
 def on_policy_prepare(ctx: StepContext, batch: dict) -> dict:
     """Replace a prompt batch by responses sampled from the current policy (no gradient)."""
     cfg = ctx.cfg
+    sync = {} if ctx.sampler is not None else {"all_done": ctx.all_done}  # vLLM samples apart from the policy
     return (ctx.sampler.sample_responses if ctx.sampler is not None else sample_responses)(
         ctx.policy, batch["prompt_input_ids"], batch["prompt_attention_mask"],
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        num_samples=cfg.num_samples, eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id,
+        num_samples=cfg.num_samples, eos_token_id=ctx.eos_token_id, pad_token_id=ctx.pad_token_id, **sync,
     )
 
 

@@ -30,6 +30,8 @@ The list fits the same number of processes only, which a resume checks.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch.nn as nn
 
 from aligndistil.model.outputs import unwrap
@@ -53,6 +55,20 @@ def is_fsdp2(acc) -> bool:
 
 def is_deepspeed(acc) -> bool:
     return getattr(getattr(acc, "state", None), "deepspeed_plugin", None) is not None
+
+
+def zero_stage(acc) -> int | None:
+    """DeepSpeed's ZeRO stage for this launch (None without DeepSpeed)."""
+    if not is_deepspeed(acc):
+        return None
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def collective_forwards(acc) -> bool:
+    """Whether every forward of the policy is a collective (its weights gathered from all
+    processes as it runs): FSDP and ZeRO-3. The processes must then run the same number of
+    forwards, sampling included."""
+    return is_fsdp(acc) or zero_stage(acc) == 3
 
 
 def is_sharded(acc) -> bool:
@@ -175,6 +191,8 @@ def shard_frozen(acc, model: nn.Module, name: str, log=print) -> nn.Module:
     collective (all processes run it, on their own batches, as the training step does).
     Elsewhere (one process, DDP, FSDP1) the model is returned as it is: whole on every process.
     """
+    if zero_stage(acc) == 3:
+        return _zero3_inference(acc, model, name, log)
     if not is_fsdp2(acc):
         return model
     from torch.distributed.fsdp import fully_shard
@@ -186,3 +204,44 @@ def shard_frozen(acc, model: nn.Module, name: str, log=print) -> nn.Module:
             fully_shard(m)
     fully_shard(model)
     return model
+
+
+@contextlib.contextmanager
+def loaded_whole(acc):
+    """A context in which models load whole on every process. Under ZeRO-3 transformers
+    partitions every model as it loads (``zero.Init``, whenever DeepSpeed's config is
+    registered with it, which accelerate does); this is for models that run on one process's
+    share of the work alone (the teacher-cache build), where a partitioned model's forward, a
+    collective, would wait for processes that are not running it. (accelerate's own
+    ``zero3_init_context_manager(enable=False)`` registers the same ZeRO-3 config again, so
+    transformers still partitions; the registration itself is lifted here.)"""
+    if zero_stage(acc) != 3:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_ds
+
+    registered = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = registered
+
+
+def _zero3_inference(acc, model: nn.Module, name: str, log) -> nn.Module:
+    """Under ZeRO-3 transformers loads every model partitioned (``zero.Init``): a frozen model
+    holds empty parameters until an engine gathers them around each module's forward. It is
+    given an engine of its own, ZeRO-3 without an optimizer (the pattern of TRL's
+    ``prepare_deepspeed``), so it stays partitioned and its forwards gather layer by layer."""
+    import copy
+
+    import deepspeed
+
+    cfg = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        cfg.pop(key, None)
+    cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 3}
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    log(f"[deepspeed] {name}: ZeRO-3 partitioned over {acc.num_processes} processes")
+    return engine
