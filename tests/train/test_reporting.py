@@ -123,3 +123,25 @@ def test_none_and_jsonl_keep_metrics_jsonl_only_and_other_processes_write_nothin
     quiet.log({"step": 1, "loss": 1.0})
     quiet.close()
     assert not (tmp_path / "rank1").exists()
+
+
+def test_step_metrics_average_every_element_over_micro_batches_and_processes():
+    """Two micro-batches on this process report 'kl' per token (3 values, then 1) and
+    'reward' per sequence (2, then an empty tensor); another process's sums are added by
+    the reduction (here: a stand-in that adds kl (sum 6, count 2) and reward (sum 0, count 0)).
+
+    kl: (1 + 2 + 3 + 10 + 6) / (4 + 2) = 22 / 6; reward: (0.5 + 1.5) / 2 = 1.0 on this
+    process alone, and unchanged by the other's empty share."""
+    import torch
+
+    from aligndistil.train.reporting import StepMetrics
+
+    m = StepMetrics(torch.device("cpu"))
+    m.add({"kl": torch.tensor([1.0, 2.0, 3.0]), "reward": torch.tensor([0.5, 1.5])})
+    m.add({"kl": torch.tensor([10.0]), "reward": torch.tensor([])})
+    assert m.means() == {"kl": pytest.approx(16 / 4), "reward": pytest.approx(1.0)}
+    other = torch.tensor([[6.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    assert m.means(lambda table: table + other) == {"kl": pytest.approx(22 / 6), "reward": pytest.approx(1.0)}
+    empty = StepMetrics(torch.device("cpu"))
+    empty.add({"never": torch.tensor([])})
+    assert empty.means() == {} and StepMetrics(torch.device("cpu")).means() == {}

@@ -329,26 +329,21 @@ class Trainer:
         micro = self._micro_batches(step)
         if self.method.prepare:
             micro = [self.method.prepare(ctx, b) for b in micro]
-        sums: dict[str, list[float]] = {}
+        sums = R.StepMetrics(acc.device)
         done = [self._update(ctx, u, step, sums) for u in (self.method.updates(ctx, micro) if self.method.updates
                                                             else [micro])]
         self.scheduler.step()
         out = {"loss": sum(loss for loss, _ in done) / len(done)}
-        for k, (s, n) in sums.items():
-            pair = torch.tensor([s, n], device=acc.device, dtype=torch.float64)
-            if acc.num_processes > 1:
-                pair = acc.reduce(pair, reduction="sum")
-            if pair[1] > 0:
-                out[k] = float(pair[0] / pair[1])
+        out.update(sums.means((lambda x: acc.reduce(x, reduction="sum")) if acc.num_processes > 1 else None))
         norms = [g for _, g in done if g is not None]
         if norms:
             out["grad_norm"] = sum(norms) / len(norms)
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
 
-    def _update(self, ctx: StepContext, micro: list[dict], step: int, sums: dict) -> tuple[float, float | None]:
+    def _update(self, ctx: StepContext, micro: list[dict], step: int, sums) -> tuple[float, float | None]:
         """One optimizer update over this process's ``micro`` batches; returns (loss, grad norm)
-        and adds each metric's (sum, count) to ``sums``."""
+        and adds the metrics to ``sums`` (:class:`~aligndistil.train.reporting.StepMetrics`)."""
         acc, t = self.accelerator, self.cfg.train
         local = torch.tensor(float(sum(self.method.count(b) for b in micro)), device=acc.device)
         n_global = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
@@ -365,11 +360,7 @@ class Trainer:
                 else:
                     acc.backward(loss)
             step_loss += loss.detach()
-            for k, v in metrics.items():
-                v = v.detach().float().reshape(-1)
-                s = sums.setdefault(k, [0.0, 0.0])
-                s[0] += float(v.sum()) if v.numel() else 0.0
-                s[1] += v.numel()
+            sums.add(metrics)
         step_loss = acc.reduce(step_loss, reduction="mean") if acc.num_processes > 1 else step_loss
         if not torch.isfinite(step_loss):
             raise TrainingError(f"non-finite loss at step {step + 1}")

@@ -24,6 +24,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from aligndistil.config import ConfigError
 
 #: The package each logger needs (the ``loggers`` extra installs them all).
@@ -38,6 +40,40 @@ def check_available(report_to: list) -> None:
         if pkg is not None and importlib.util.find_spec(pkg) is None:
             raise ConfigError(f"train.report_to includes {name}, but the {pkg} package is not installed: "
                               f"{EXTRA_HINT} (or pip install {pkg})")
+
+
+class StepMetrics:
+    """A step's metrics, averaged over every element the method reported on every process.
+
+    A method's loss returns each metric as a tensor (one value per sequence or token); the
+    sums stay on the device as the micro-batches go by, and :meth:`means` moves them to the
+    host once per step, reduced over processes in one collective, instead of synchronising
+    with the GPU for every metric of every micro-batch. Every process must report the same
+    metric names in the same order (the methods do: the names depend on the config only).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict = {}  # name -> [float64 sum on the device, element count]
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            v = v.detach().reshape(-1).to(self.device, torch.float64)
+            s = self.sums.setdefault(k, [torch.zeros((), dtype=torch.float64, device=self.device), 0])
+            s[0] = s[0] + v.sum()
+            s[1] += v.numel()
+
+    def means(self, reduce=None) -> dict:
+        """``name -> mean``; ``reduce`` sums a tensor over processes (None: one process).
+        A metric with no elements anywhere is left out."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        table = torch.stack([torch.stack([s, torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                             for s, n in self.sums.values()])
+        if reduce is not None:
+            table = reduce(table)
+        return {k: s / n for k, (s, n) in zip(names, table.tolist()) if n > 0}
 
 
 class Reporter:
