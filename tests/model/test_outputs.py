@@ -309,3 +309,28 @@ def test_declared_logit_softcapping_is_never_taken_for_a_linear_head(tiny_ws):
     assert _logits_are_linear_head(model, x, x.clone())
     model.config.final_logit_softcapping = 30.0
     assert not _logits_are_linear_head(model, x, x.clone())
+
+
+def test_every_layers_hidden_states_are_asked_for_only_when_needed(tiny_llamas):
+    """A forward for the final hidden state alone (every frozen teacher's) takes it from the
+    decoder's output and does not ask the model for every layer's; SparsePO's
+    ``all_hidden`` (and MaPO's activations) still do. Both give the same final rows."""
+    from aligndistil.model.outputs import response_outputs
+
+    model = tiny_llamas[1]
+    ids, rmask, _ = pack(LM_PAIRS, "right")
+    attn = torch.ones_like(ids)
+    for b, (p, r) in enumerate(LM_PAIRS):
+        attn[b, len(p) + len(r):] = 0
+    asked = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: asked.append(kw["output_hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lean = response_outputs(model, ids, attn, rmask)
+            full = response_outputs(model, ids, attn, rmask, all_hidden=True)
+    finally:
+        hook.remove()
+    assert asked == [False, True]
+    assert lean.all_hidden is None and full.all_hidden.shape[0] == 2  # embeddings + 1 layer
+    assert torch.equal(lean.hidden, full.hidden) and torch.equal(full.all_hidden[-1], full.hidden)
+    assert torch.equal(lean.logits, full.logits)

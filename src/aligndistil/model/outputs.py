@@ -191,6 +191,17 @@ def _activation_modules(model: nn.Module) -> list[nn.Module]:
     return [m for name, m in unwrap(model).named_modules() if _ACTIVATION_RE.search(name)]
 
 
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The causal LM's decoder stack (whose output is the final hidden state), or None when
+    the model does not name one apart from itself."""
+    net = unwrap(model)
+    try:
+        dec = net.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    return dec if isinstance(dec, nn.Module) and dec is not net else None
+
+
 def linear_head(model: nn.Module) -> tuple | None:
     """``(weight, bias)`` of the model's LM head if it is a plain ``nn.Linear`` (tied or not),
     else None (e.g. a LoRA-wrapped head, whose logits are not ``hidden @ weight^T``)."""
@@ -279,30 +290,38 @@ def response_outputs(
             and ``head`` is None.
     """
     positions, labels, mask = response_positions(input_ids, response_mask)
-    hooks, captured = [], []
+    hooks, captured, final = [], [], []
     if activations:
         def hook(_module, _inp, out):
             captured.append(out[0] if isinstance(out, tuple) else out)
         hooks = [m.register_forward_hook(hook) for m in _activation_modules(model)]
+    # Only the final hidden state is needed unless every layer's is asked for: it is taken
+    # from the decoder's output, so a frozen model's forward (no autograd) does not keep
+    # every layer's (B, L, d) hidden states alive at once.
+    every_layer = all_hidden or activations or (decoder := _decoder(model)) is None
+    if not every_layer:
+        hooks.append(decoder.register_forward_hook(
+            lambda _m, _i, out: final.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)))
     try:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=True,
+            output_hidden_states=every_layer,
             logits_to_keep=1,
             use_cache=False,
         )
     finally:
         for h in hooks:
             h.remove()
-    hidden_states = out.hidden_states
-    last = gather_positions(hidden_states[-1], positions)
+    hidden_states = out.hidden_states if every_layer else None
+    final_hidden = hidden_states[-1] if every_layer else final[-1]
+    last = gather_positions(final_hidden, positions)
     head = unwrap(model).get_output_embeddings()
     key = unwrap(model)
     if key not in _HEAD_OK:
         with torch.no_grad():
-            _HEAD_OK[key] = _logits_are_linear_head(model, out.logits[:, -1], head(hidden_states[-1][:, -1]))
+            _HEAD_OK[key] = _logits_are_linear_head(model, out.logits[:, -1], head(final_hidden[:, -1]))
     lin = linear_head(model) if _HEAD_OK[key] else None
     if _HEAD_OK[key]:
         logits = head(last) if (compute_logits or lin is None) else None
