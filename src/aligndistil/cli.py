@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip a prompt when best and worst rewards differ by less than this (default: 0.05)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="samples generated together (default: 32)")
+    p.add_argument("--device", default="auto",
+                   help="where the model samples: auto (the first CUDA GPU if there is one, else the CPU), cpu, "
+                        "cuda or cuda:N (default: auto)")
     p.add_argument("--no-chat-template", action="store_true", help="use prompts as raw text instead of one chat user message")
     p.add_argument("--skip-if-complete", action="store_true",
                    help="do nothing if OUT is already complete with the same settings")
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="sampling seed, the same for every model (default: 1234)")
     p.add_argument("--num-samples", type=int, default=1, help="responses per test prompt (default: 1)")
     p.add_argument("--batch-size", type=int, default=42, help="samples generated together (default: 42)")
+    p.add_argument("--device", default="auto",
+                   help="where the models run: auto (the first CUDA GPU if there is one, else the CPU), cpu, cuda "
+                        "or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the models' weights; bfloat16 is faster on a GPU (default: float32)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="use prompts as raw text (default: the chat template when the reference's tokenizer has one, "
                         "a string prompt as one user message: training's data.use_chat_template=null rule)")
@@ -229,9 +237,25 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """When DeepSpeed is installed, transformers imports it, and on a machine without a GPU it
+    announces on STDOUT that it falls back to the CPU, a line that would land in the middle of
+    a command's output (make-tiny's JSON). Naming the CPU backend up front, as DeepSpeed's
+    ``DS_ACCELERATOR`` allows, keeps it quiet; a GPU machine and an explicit setting are left alone."""
+    import importlib.util
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ and importlib.util.find_spec("deepspeed") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code. Output cut short by a closed pipe
     (``config-help | head``) ends quietly, Ctrl-C outside training with one line."""
+    _quiet_deepspeed_on_cpu()
     try:
         code = _main(argv)
         sys.stdout.flush()  # a closed pipe surfaces here, where it can still be handled
@@ -275,7 +299,7 @@ def _main(argv: list[str] | None) -> int:
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        seed=args.seed, tie_threshold=args.tie_threshold, max_prompts=args.max_prompts,
                        batch_size=args.batch_size, use_chat_template=not args.no_chat_template,
-                       progress=not args.no_progress, skip_if_complete=args.skip_if_complete)
+                       progress=not args.no_progress, skip_if_complete=args.skip_if_complete, device=args.device)
             return 0
         if args.command == "eval":
             from aligndistil.workflows.evaluate import evaluate
@@ -286,7 +310,8 @@ def _main(argv: list[str] | None) -> int:
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
                            use_chat_template=False if args.no_chat_template else None, plots=not args.no_plots,
-                           runs=_parse_models(args.runs) if args.runs else None, progress=not args.no_progress)
+                           runs=_parse_models(args.runs) if args.runs else None, progress=not args.no_progress,
+                           device=args.device, dtype=args.dtype)
             from aligndistil.workflows.evaluate import format_table
 
             print(format_table(res))

@@ -450,3 +450,19 @@ def test_every_tiny_config_before_make_tiny_says_to_run_it(config, tmp_path, cap
     err = capsys.readouterr().err
     assert "run `aligndistil make-tiny --out outputs/tiny` first" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resolve_device_names_the_flag_and_what_is_there():
+    import torch
+
+    from aligndistil.model.loading import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"--device: 'tpu' is not a device \(auto, cpu, cuda or cuda:N\)"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match=r"--device: 'meta' is not a device"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda:0: this machine has no CUDA GPU"):
+            resolve_device("cuda:0")

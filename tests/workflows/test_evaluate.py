@@ -249,7 +249,38 @@ def test_eval_checks_inputs_and_models_before_writing_anything(tiny_ws, tmp_path
     pairs.write_text('{"prompt": "p", "chosen": "a"}\n')
     with pytest.raises(DataError, match=r"pairs\.jsonl, line 1: field 'rejected' is missing"):
         evaluate({"m": tiny_ws["model"]}, prompts=PROMPTS[:2], pairs=str(pairs), dpo_model=tiny_ws["model"], **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"):
+            evaluate({"m": tiny_ws["model"]}, prompts=PROMPTS[:2], device="cuda", **kw)
+    with pytest.raises(ValueError, match="--dtype must be float32 or bfloat16"):
+        evaluate({"m": tiny_ws["model"]}, prompts=PROMPTS[:2], dtype="float16", **kw)
     assert not out.exists()
+
+
+def test_eval_device_and_dtype_are_applied_and_recorded(tiny_ws, tmp_path, reward_module):
+    """``device`` and ``dtype`` reach the loaded models (bf16 here: every forward's weights)
+    and the report's settings; ``auto`` is this machine's GPU if it has one, else the CPU."""
+    import torch.nn as nn
+
+    seen = set()
+    real = nn.Module.__call__
+
+    def spy(self, *a, **k):
+        if type(self).__name__.endswith("ForCausalLM"):
+            seen.add((next(self.parameters()).dtype, next(self.parameters()).device.type))
+        return real(self, *a, **k)
+
+    nn.Module.__call__ = spy
+    try:
+        res = evaluate({"other": tiny_ws["model2"]}, reference=tiny_ws["model"], prompts=PROMPTS[:2],
+                       reward=f"{reward_module}:vowels", out_dir=tmp_path / "e", max_new_tokens=3, batch_size=4,
+                       dtype="bfloat16", progress=False, log=lambda *a: None)
+    finally:
+        nn.Module.__call__ = real
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert seen == {(torch.bfloat16, here)}
+    assert res["settings"]["device"] == here and res["settings"]["dtype"] == "bfloat16"
+    assert res["models"]["other"]["kl_ref_tokenwise"] > 0
 
 
 def test_eval_takes_training_data_prompts_rendered_by_the_training_rule(tiny_ws, tmp_path, reward_module):

@@ -58,6 +58,8 @@ def test_pairs_are_best_vs_worst_with_ties_counted(tiny_ws, tmp_path, rewards_mo
     meta = json.loads(meta_path(out).read_text())
     assert meta_path(out).name == "prefs.meta.json"
     assert meta["settings"]["seed"] == 7 and meta["settings"]["k"] == 3
+    assert meta["device"] == ("cuda" if __import__("torch").cuda.is_available() else "cpu")  # --device auto
+    assert "device" not in meta["settings"]  # where it ran is recorded, not fingerprinted
     assert meta["settings"]["max_new_tokens"] == 10 and meta["settings"]["temperature"] == 1.0
     assert meta["counts"] == c
     assert prefs_complete(out)

@@ -305,6 +305,24 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     return tokenizer
 
 
+def resolve_device(spec: str, flag: str = "--device") -> torch.device:
+    """``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a GPU asked for on a machine without one is refused, naming ``flag``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag}: {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag}: {spec!r} is not a device (auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {spec}: this machine has no CUDA GPU (use auto or cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {spec}: there are {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike,
     *,

@@ -101,8 +101,9 @@ def pair_logps(model, pairs_path: str | os.PathLike, tokenizer, batch_size: int 
     collate = PreferenceCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, "pairs")
     chosen: list[float] = []
     rejected: list[float] = []
+    device = next(model.parameters()).device
     for i in range(0, len(feats), batch_size):
-        c, r = pair_outputs(model, collate(feats[i:i + batch_size]))
+        c, r = pair_outputs(model, {k: v.to(device) for k, v in collate(feats[i:i + batch_size]).items()})
         chosen += (label_logps(c.logits.float(), c.labels) * c.mask).sum(-1).tolist()
         rejected += (label_logps(r.logits.float(), r.labels) * r.mask).sum(-1).tolist()
     return chosen, rejected
@@ -154,6 +155,10 @@ class EvalSettings:
         plots: write the PNG plots.
         runs: training-run folders (name -> folder with metrics.jsonl) for the training-curve
             plot; default: the evaluated models' folders that have one.
+        device: where the models run: ``auto`` (the first CUDA GPU when there is one, else
+            the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: the models' weights, ``float32`` (default) or ``bfloat16`` (faster on a GPU;
+            the KL terms are still computed in float32 from its logits).
     """
 
     reference: str
@@ -173,6 +178,8 @@ class EvalSettings:
     use_chat_template: bool | None = None
     plots: bool = True
     runs: dict[str, str] | None = None
+    device: str = "auto"
+    dtype: str = "float32"
 
     def record(self, prompt_list: list, chat_template: str = "") -> dict:
         """The ``settings`` section of ``results.json`` (``chat_template``: how prompts were rendered)."""
@@ -182,6 +189,7 @@ class EvalSettings:
                 "num_samples": self.num_samples, "use_chat_template": self.use_chat_template,
                 "reference": self.reference, "dpo_model": self.dpo_model,
                 "reverse_dpo_model": self.reverse_dpo_model, "beta0": self.beta0,
+                "device": str(self.device), "dtype": self.dtype,
                 "kl_estimator_unbiased": self.temperature == 1.0 and self.top_p == 1.0}
 
 
@@ -189,8 +197,9 @@ class EvalSettings:
 class _Models:
     """Loads each model once (keyed by its resolved folder) and lets go of those done with."""
 
-    def __init__(self):
+    def __init__(self, device=None, dtype=torch.float32):
         self.loaded: dict[str, object] = {}
+        self.device, self.dtype = device, dtype
 
     @staticmethod
     def _key(path) -> str:
@@ -205,7 +214,7 @@ class _Models:
         from aligndistil.model.loading import load_causal_lm
 
         if self._key(path) not in self.loaded:
-            self.loaded[self._key(path)] = load_causal_lm(path)
+            self.loaded[self._key(path)] = load_causal_lm(path, dtype=self.dtype, device=self.device)
         return self.loaded[self._key(path)]
 
     def release(self, path) -> None:
@@ -263,7 +272,7 @@ def _kl_terms(lm, run: _Run, ids, att, g: dict) -> dict[str, torch.Tensor]:
     terms = {}
     for role, other in run.others.items():
         if other is lm:
-            z = torch.zeros(mask.shape[0])
+            z = torch.zeros(mask.shape[0], device=mask.device)
             terms[role], terms[role + "_tokenwise"] = z, z
             continue
         out = sample_logits(other, ids, att, g["tokens"], g["mask"])
@@ -298,7 +307,9 @@ def _evaluate_model(name: str, path: str, lm, run: _Run) -> tuple[dict, list[dic
     eos = stop_token_ids(lm, run.tok)
     records = []
     run.bar.set_description(f"eval {name}")
+    device = next(lm.parameters()).device
     for chunk, ids, att in run.batches:
+        ids, att = ids.to(device), att.to(device)
         g = _generate(lm, run, chunk, ids, att, eos)
         terms = _kl_terms(lm, run, ids, att, g)
         del g["logits"]
@@ -357,9 +368,15 @@ def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, ou
     from aligndistil.model.loading import load_tokenizer
     from aligndistil.rewards import get_reward
 
+    from aligndistil.model.loading import resolve_device
+
     s = dataclasses.replace(settings, **fields) if settings is not None else EvalSettings(**fields)
     if not models:
         raise ValueError("evaluate needs at least one model")
+    if s.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {s.dtype!r}")
+    device = resolve_device(s.device)
+    s = dataclasses.replace(s, device=str(device))  # the report records where it ran, not "auto"
     if s.pairs is not None and not Path(s.pairs).is_file():
         raise FileNotFoundError(f"held-out pairs file not found: {s.pairs}")
     # Inputs first, then the models; nothing is written until all of them have loaded.
@@ -374,7 +391,7 @@ def evaluate(models: dict[str, str], settings: EvalSettings | None = None, *, ou
     batches = _prompt_batches(tok, prompt_list, s)
     if s.pairs is not None:  # the same check the pairs get later, before any model loads
         build_dataset(s.pairs, tok, "pairs", None, None, use_chat_template=s.use_chat_template)
-    pool = _Models()
+    pool = _Models(device, getattr(torch, s.dtype))
     ref_lm = pool.get(s.reference)
     others = {"ref": ref_lm}
     if s.dpo_model:

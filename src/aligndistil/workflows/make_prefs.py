@@ -127,7 +127,8 @@ class PrefsSettings:
 
 
 def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, settings: PrefsSettings | None = None,
-               *, progress: bool = True, skip_if_complete: bool = False, log=print, **fields) -> dict:
+               *, progress: bool = True, skip_if_complete: bool = False, device: str = "auto", log=print,
+               **fields) -> dict:
     """Sample, score and pair responses; write ``out`` (JSONL) and its sidecar.
 
     Args:
@@ -139,6 +140,10 @@ def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, set
         progress: show a progress bar; ``log``: where the summary line goes.
         skip_if_complete: return the existing sidecar if ``out`` is complete with the same
             settings.
+        device: where the model samples (``auto``: the first CUDA GPU if there is one, else
+            the CPU; :func:`aligndistil.model.loading.resolve_device`). Recorded in the sidecar,
+            not in the fingerprint: the pairs are meant to be the same, though a GPU's
+            arithmetic can change an occasional draw.
 
     Returns:
         The sidecar's content: ``settings``, ``fingerprint``, ``counts`` (``n_prompts``,
@@ -153,10 +158,12 @@ def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, set
     """
     from aligndistil.data.prompt_sets import load_prompts
     from aligndistil.rewards import get_reward
+    from aligndistil.model.loading import resolve_device
     from aligndistil.workflows.eval_metrics import mean_ci95
 
     s = dataclasses.replace(settings, **fields) if settings is not None else PrefsSettings(**fields)
     s.check()
+    dev = resolve_device(device)
     out = Path(out)
     fingerprinted = s.fingerprinted(model, prompts)
     if skip_if_complete and prefs_complete(out, fingerprinted):
@@ -170,7 +177,7 @@ def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, set
     meta_path(out).unlink(missing_ok=True)  # from here on, the old output no longer looks complete
 
     started = time.time()
-    samples = _sample(model, prompt_list, s, scorer, progress)
+    samples = _sample(model, prompt_list, s, scorer, progress, device=dev)
     for r in samples:
         r["reward"] = scorer.scores[(r["prompt_index"], r["sample_index"])]
     lines, counts = _pair(samples, prompt_list, s)
@@ -189,6 +196,7 @@ def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, set
         "mean_response_tokens": sum(r["n_tokens"] for r in samples) / len(samples),
         "share_ended_with_eos": sum(r["ended"] for r in samples) / len(samples),
         "seconds": round(time.time() - started, 1),
+        "device": str(dev),
         "data": out.name,
     }
     _write(out, lines, info)
@@ -198,14 +206,14 @@ def make_prefs(model: str, prompts: str | list[str], out: str | os.PathLike, set
     return info
 
 
-def _sample(model: str, prompt_list: list[str], s: PrefsSettings, scorer, progress: bool) -> list[dict]:
+def _sample(model: str, prompt_list: list[str], s: PrefsSettings, scorer, progress: bool, device=None) -> list[dict]:
     """Sample: ``k`` responses per prompt, each on its own seeded stream; every batch is
     scored as soon as it is decoded (``scorer``), so a failing reward stops the run early."""
     from aligndistil.model.loading import load_causal_lm, load_tokenizer
     from aligndistil.model.sampling import generate_texts
 
     tokenizer = load_tokenizer(model)
-    lm = load_causal_lm(model)
+    lm = load_causal_lm(model, device=device)
     return generate_texts(lm, tokenizer, prompt_list, num_samples=s.k, max_new_tokens=s.max_new_tokens,
                           temperature=s.temperature, top_p=s.top_p, seed=s.seed, batch_size=s.batch_size,
                           use_chat_template=s.use_chat_template, progress=progress, desc="make-prefs",
