@@ -255,7 +255,6 @@ def _quiet_deepspeed_on_cpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code. Output cut short by a closed pipe
     (``config-help | head``) ends quietly, Ctrl-C outside training with one line."""
-    _quiet_deepspeed_on_cpu()
     try:
         code = _main(argv)
         sys.stdout.flush()  # a closed pipe surfaces here, where it can still be handled
@@ -278,6 +277,7 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "config-help":
             print(help_text())
             return 0
+        _quiet_deepspeed_on_cpu()  # after --help and config-help, which need no torch (it costs 2 s to import)
         if args.command == "judge":
             from aligndistil.workflows.judge.command import run_judge_command
 
