@@ -31,8 +31,8 @@ fi
 # DeepSpeed, for the ZeRO tests on two CPU processes (tests/train/test_deepspeed.py). Only its
 # source is on PyPI, and its setup.py imports torch: --no-build-isolation builds it against
 # the torch installed above (a build environment of its own would fetch another torch).
-# DS_BUILD_OPS=0 compiles no kernels now; the one its CPU backend needs (shared-memory
-# all-reduce) is compiled on first use, about 40 s on 2 cores.
+# DS_BUILD_OPS=0 compiles no kernels (the tests' launcher also skips the shared-memory
+# all-reduce its CPU backend would compile on first use).
 if ! python -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed==0.19.8" 2>&1 | grep -v "^WARNING: Location" || true
 fi

@@ -15,7 +15,8 @@ frozen models, DeepSpeed's engine and its accumulation boundary) runs here as on
   FSDP (the plugin it was given is kept).
 - DeepSpeed: accelerate starts DeepSpeed's process group only when ``cpu=False``, and finds
   no backend without a GPU; the trainer is told it is not a CPU-only launch and accelerate
-  gets gloo as the backend, as it would get NCCL on GPUs.
+  gets gloo as the backend, as it would get NCCL on GPUs. DeepSpeed's compiled shared-memory
+  all-reduce (a CPU speed-up) is left out: plain gloo collectives.
 """
 
 import os
@@ -50,9 +51,14 @@ def _gloo_for_deepspeed(self, cpu=False, sagemaker_dp=False, backend=None):
 S.AcceleratorState.__init__ = _keep_fsdp
 S.PartialState._prepare_backend = _gloo_for_deepspeed
 if _flag("ACCELERATE_USE_DEEPSPEED"):
+    import deepspeed.ops
+
     from aligndistil.train import accel
 
     accel.cpu_only_multiprocess = lambda: False  # cpu=True would make accelerate drop DeepSpeed
+    # DeepSpeed's CPU backend compiles a shared-memory all-reduce kernel on first use (about
+    # 40 s on 2 cores, and a C++ compiler); gloo's own collectives serve these tests as well.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed then builds none
 
 if __name__ == "__main__":
     sys.argv = ["aligndistil", *sys.argv[1:]]
