@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn as nn
 
 from aligndistil.model.outputs import unwrap
@@ -83,7 +84,37 @@ def model_state(acc, model) -> dict | None:
     main process it holds every parameter, on CPU; the others may hold nothing."""
     if not is_sharded(acc):
         return None
-    return acc.get_state_dict(model, unwrap=True)
+    state = acc.get_state_dict(model, unwrap=True)
+    if is_deepspeed(acc):
+        state = _with_fp32_masters(model, state)
+    return state
+
+
+def _with_fp32_masters(model, state: dict) -> dict:
+    """DeepSpeed with bf16 (or fp16) runs the model in that precision and keeps the fp32
+    master weights in its optimizer; the weights saved are the masters, as every other
+    launch saves its fp32 policy (a bf16 copy would round away what small learning rates
+    added since the start). A collective: every process gathers every master."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    net = unwrap(model)
+    masters = {}
+    for name, p in net.named_parameters():
+        if p.dtype in (torch.bfloat16, torch.float16):
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                masters[id(p)] = full.detach().float().cpu()
+    if not masters or state is None:
+        return state
+    out = dict(state)
+    for key in state:  # tied weights (lm_head / embed_tokens) name one parameter twice: one tensor for both
+        try:
+            param = net.get_parameter(key)
+        except AttributeError:
+            continue  # a buffer
+        if id(param) in masters:
+            out[key] = masters[id(param)]
+    return out
 
 
 def _named(policy, modules: dict) -> nn.Module:
