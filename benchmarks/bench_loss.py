@@ -9,6 +9,7 @@ weight (whose gradient, V x d, both paths produce). Each case runs in its own pr
 
     python benchmarks/bench_loss.py                 # all cases, writes benchmarks/results/loss.{json,md}
     python benchmarks/bench_loss.py --sizes smollm2 --methods aligndistil
+    python benchmarks/bench_loss.py --dtype bfloat16   # bf16 hidden states and heads (a GPU's mode)
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ def run_one(case: dict) -> dict:
 
     torch.manual_seed(0)
     dev = C.device()
+    dt = getattr(torch, case.get("dtype", "float32"))  # hidden states and head weights
     d, V = SIZES[case["size"]]
     B, T = case["batch"], case["rows"]
     pairs = case["method"] != "aligndistil"
     std = 0.02  # the usual init scale; logits of a few units
 
     def hidden(n=B):
-        return torch.randn(n, T, d, device=dev)
+        return torch.randn(n, T, d, device=dev).to(dt)
 
-    W = (torch.randn(V, d, device=dev) * std).requires_grad_()
-    Wf = [torch.randn(V, d, device=dev) * std for _ in range(2)]
+    W = (torch.randn(V, d, device=dev) * std).to(dt).requires_grad_()
+    Wf = [(torch.randn(V, d, device=dev) * std).to(dt) for _ in range(2)]
     mask = torch.ones(B, T, device=dev)
     labels = torch.randint(0, V, (B, T), device=dev)
     hs = [hidden().requires_grad_() for _ in range(2 if pairs else 1)]
@@ -88,24 +90,29 @@ def run_one(case: dict) -> dict:
             losses, _ = L.dpo_loss(pc, pr, rc, rr, mask, mask, beta=0.1)
         (losses.sum() / B).backward()
 
-    times, peaks = [], []
+    times, peaks, reserved = [], [], []
     for _ in range(case["reps"]):
         for t in hs + [W]:
             t.grad = None
         with C.PeakMemory() as m:
-            dt, _ = C.timed(loss)
-        times.append(dt)
+            seconds, _ = C.timed(loss)
+        times.append(seconds)
         peaks.append(m.peak_bytes)
+        reserved.append(m.peak_reserved_bytes)
     return {**case, "rows_total": B * T * (2 if pairs else 1), "d": d, "V": V,
             "seconds": times, "median_s": statistics.median(times), "peak_bytes": max(peaks),
-            "peak_first_bytes": peaks[0], "weight_grad_bytes": V * d * 4, "memory_how": m.how}
+            "peak_first_bytes": peaks[0], "weight_grad_bytes": V * d * W.element_size(), "memory_how": m.how,
+            "peak_reserved_bytes": None if reserved[0] is None else max(reserved)}
 
 
 def markdown(results: list[dict], info: dict, command: str) -> str:
     out = ["# Loss side: LM head + loss, forward + backward\n",
            f"Device: {info.get('gpu') or info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
            f"torch {info['torch']}, {info['date']}. Command: `{command}`\n",
-           "Peak = memory the loss region added (it includes the V x d head-weight gradient both paths produce).\n"]
+           f"Hidden states and head weights in {results[0].get('dtype', 'float32') if results else 'float32'}. "
+           "Peak = memory the loss region added (it includes the V x d head-weight gradient both paths produce)"
+           + ("; reserved = what the GPU allocator held at its peak.\n" if any(r.get("peak_reserved_bytes") is not None
+                                                                                for r in results) else ".\n")]
     rows = []
     by = {(r["size"], r["method"], r["path"]): r for r in results if "error" not in r}
     for size in SIZES:
@@ -117,9 +124,13 @@ def markdown(results: list[dict], info: dict, command: str) -> str:
             rows.append([size + (f" (CONTENDED {busy:.2f} cores)" if busy >= 0.3 else ""), method, p["rows_total"],
                          f"{p['median_s']:.2f}", f"{f['median_s']:.2f}",
                          f"{p['median_s'] / f['median_s']:.2f}x", C.gb(p["peak_bytes"]), C.gb(f["peak_bytes"]),
-                         f"{f['peak_bytes'] / p['peak_bytes']:.3f}", C.gb(p["weight_grad_bytes"])])
+                         f"{f['peak_bytes'] / p['peak_bytes']:.3f}", C.gb(p["weight_grad_bytes"])]
+                        + ([C.gb(p["peak_reserved_bytes"]), C.gb(f["peak_reserved_bytes"])]
+                           if p.get("peak_reserved_bytes") is not None else []))
+    reserved = bool(rows) and len(rows[0]) > 10
     out.append(C.table(["head", "method", "rows", "plain s", "fused s", "speed-up", "plain peak GB", "fused peak GB",
-                        "fused/plain memory", "of which W grad GB"], rows))
+                        "fused/plain memory", "of which W grad GB"]
+                       + (["plain reserved GB", "fused reserved GB"] if reserved else []), rows))
     errs = [r for r in results if "error" in r]
     if errs:
         out.append("\nFailed cases:\n" + "\n".join(f"- {r['size']} {r['method']} {r['path']}: {r['error'][-300:]}" for r in errs))
@@ -135,6 +146,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=256, help="response tokens per sequence")
     ap.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: TrainConfig's)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="hidden states and head weights (bfloat16: as under DeepSpeed bf16 or bf16 teachers)")
     ap.add_argument("--name", default="loss")
     a = ap.parse_args(argv)
     if a.case:
@@ -148,7 +161,7 @@ def main(argv=None):
         for method in a.methods:
             for path in ("plain", "fused"):
                 case = {"size": size, "method": method, "path": path, "batch": a.batch, "rows": a.rows,
-                        "chunk_size": chunk, "reps": a.reps}
+                        "chunk_size": chunk, "reps": a.reps, "dtype": a.dtype}
                 r = C.run_case(__file__, case)
                 results.append(r)
                 print(json.dumps({k: r.get(k) for k in ("size", "method", "path", "median_s", "peak_bytes", "error")}), flush=True)

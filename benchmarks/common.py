@@ -8,7 +8,9 @@ toward another's peak. Peak memory:
   result is ``VmHWM - VmRSS`` at the reset, i.e. what the measured region added on top of
   what was already resident. Elsewhere ``ru_maxrss`` is used (no reset; less precise).
 - GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
-  memory allocated at the reset.
+  memory allocated at the reset; and beside it the allocator's reserved memory
+  (``max_memory_reserved`` minus the reserved at the reset: what the process holds from the
+  GPU, fragmentation included), as ``peak_reserved_bytes`` (None on a CPU).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
-            self.how = "cuda max_memory_allocated"
+            self.base_reserved = torch.cuda.memory_reserved()
+            self.how = "cuda max_memory_allocated (and max_memory_reserved)"
             return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -98,9 +101,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        self.peak_reserved_bytes = None
         if self.cuda:
             torch.cuda.synchronize()
             self.peak_abs = torch.cuda.max_memory_allocated()
+            self.peak_reserved_bytes = max(0, torch.cuda.max_memory_reserved() - self.base_reserved)
         elif self.linux:
             self.peak_abs = _status_kb("VmHWM") * 1024
         else:
