@@ -111,7 +111,9 @@ def fused_precision(dev, rows=1024):
         loss_f = aligndistil_loss_from_stats(kl, mask, alpha=alpha, beta0=0.1, tvd=tvd)[0].sum()
         loss_f.backward()
         out[f"aligndistil fp32_out_matmul={fp32_out}"] = {
-            "fp32_out_supported": E._FP32_OUT_OK.get(dev.type), "loss_bf16_fused": float(loss_f.detach()),
+            "fp32_out_supported": E._FP32_OUT_OK.get(dev.type),
+            "fp32_out_addmm_trusted": E._FP32_ADDMM_OK.get(dev.type),  # head-weight gradient (None: not probed)
+            "loss_bf16_fused": float(loss_f.detach()),
             "loss_fp64": float(loss_d.detach()),
             "loss_rel_err": abs(float(loss_f.detach()) - float(loss_d.detach())) / abs(float(loss_d.detach())),
             "alpha_rel_err": _rel(alpha * mask, alpha_d * mask),

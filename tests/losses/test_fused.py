@@ -367,3 +367,44 @@ def test_trainer_refuses_bad_fused_settings(tiny_ws, tmp_path):
             Trainer(make_cfg(tiny_ws, tmp_path / "a", "dpo", [f"train.chunk_size={bad}"]))
     with pytest.raises(ValueError, match="train.loss_path must be fused or plain"):
         Trainer(make_cfg(tiny_ws, tmp_path / "b", "dpo", ["train.loss_path=fast"]))
+
+
+def test_the_fp32_out_addmm_is_probed_checked_and_falls_back(monkeypatch):
+    """The head-weight gradient of a bf16 head accumulates ``G^T @ h`` into fp32 with
+    ``addmm(out_dtype=fp32)`` where the device has that kernel (CUDA). Its wiring, run here
+    with the CPU let in: where the kernel is missing (this CPU build) the probe fails and the
+    two-step product is used; a kernel that works is checked once against the two-step
+    product and then used; one that returns a wrong sum is switched off after its first
+    call, whose result is replaced by the two-step one."""
+    from aligndistil.losses.fused import engine as E
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 5).bfloat16(), torch.randn(5, 4).bfloat16()
+    start = torch.randn(6, 4)
+    two_step = start + torch.mm(a, b).float()  # the bf16 product (rounded), then added in fp32
+    exact = start + torch.mm(a.float(), b.float())  # what a kernel accumulating in fp32 gives
+    monkeypatch.setattr(E, "ADDMM_DEVICES", ("cpu",))
+
+    monkeypatch.setattr(E, "_FP32_ADDMM_OK", {})
+    acc = start.clone()
+    if not E.fp32_out_addmm(acc, a, b):  # no CPU kernel: refused, acc untouched
+        assert torch.equal(acc, start) and E._FP32_ADDMM_OK == {"cpu": False}
+        assert not E.fp32_out_addmm(acc, a, b)  # not probed again
+
+    def kernel(shift):
+        def addmm(inp, m1, m2, out_dtype=None, out=None):
+            res = inp + torch.mm(m1.float(), m2.float()) + shift
+            return out.copy_(res) if out is not None else res
+        return addmm
+
+    for shift, trusted in ((0.0, True), (5.0, False)):
+        monkeypatch.setattr(E, "_FP32_ADDMM_OK", {})
+        monkeypatch.setattr(E.torch, "addmm", kernel(shift))
+        acc = start.clone()
+        assert E.fp32_out_addmm(acc, a, b)
+        # right either way: the kernel's fp32 sum, or a bad kernel's sum replaced by the two-step one
+        torch.testing.assert_close(acc, exact if trusted else two_step, rtol=1e-6, atol=1e-6)
+        assert E._FP32_ADDMM_OK == {"cpu": trusted}
+        acc = start.clone()
+        assert E.fp32_out_addmm(acc, a, b) == trusted  # afterwards used, or refused
+        torch.testing.assert_close(acc, exact if trusted else start, rtol=1e-6, atol=1e-6)

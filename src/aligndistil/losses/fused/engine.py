@@ -197,6 +197,38 @@ def _fp32_out_mm(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
     return True
 
 
+# The head-weight gradient of a half-precision head: ``acc += G^T @ h`` summed over chunks
+# in fp32. Computed as ``mm`` then ``.to(fp32)`` it makes two V x d temporaries per chunk (a
+# bf16 product and its fp32 copy: 0.47 + 0.93 GB at Qwen2.5-1.5B's head); ``addmm`` with
+# ``out_dtype`` accumulates the bf16 product into the fp32 sum directly. Only CUDA has that
+# kernel (this CPU build has none), so it is probed on first use, and its first result is
+# checked against the two-step product; any error or disagreement switches it off.
+ADDMM_DEVICES = ("cuda",)
+_FP32_ADDMM_OK: dict = {}
+
+
+def fp32_out_addmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``acc += a @ b`` from half-precision ``a, b`` into the fp32 ``acc`` with no half or
+    fp32 temporary of ``acc``'s size, if this device supports it; False (``acc`` untouched)
+    when it does not."""
+    dev = a.device.type
+    if dev not in ADDMM_DEVICES or _FP32_ADDMM_OK.get(dev) is False:
+        return False
+    if _FP32_ADDMM_OK.get(dev):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return True
+    ref = acc + torch.mm(a, b).to(acc.dtype)  # the two-step result, once, to check the kernel by
+    try:
+        got = torch.addmm(acc, a, b, out_dtype=acc.dtype)
+    except (RuntimeError, TypeError):
+        _FP32_ADDMM_OK[dev] = False
+        return False
+    scale = float(ref.abs().max().clamp_min(1e-30))
+    _FP32_ADDMM_OK[dev] = bool(torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * scale))
+    acc.copy_(got if _FP32_ADDMM_OK[dev] else ref)
+    return True
+
+
 class Head:
     """A head prepared for chunked use: weight/bias/rows in the matmul dtype."""
 
@@ -352,7 +384,7 @@ class _GradAccumulator:
         if self.w is not None:
             if pol.dtype == pol.acc:
                 self.w.addmm_(Gm.t(), pol.rows[sl])
-            else:
+            elif not fp32_out_addmm(self.w, Gm.t(), pol.rows[sl]):
                 self.w.add_(torch.mm(Gm.t(), pol.rows[sl]).to(pol.acc))
         if self.b is not None:
             self.b.add_(G.sum(0))
