@@ -1,4 +1,4 @@
-"""What sharded training (FSDP, DeepSpeed ZeRO-3) changes about saving and resuming.
+"""What sharded training (FSDP2, DeepSpeed ZeRO) changes: saving, resuming, frozen models, sampling.
 
 Under FSDP each process holds a shard of every parameter of the policy (and of the AdamW
 moments). Three things follow, each of which fails when only the main process acts:
@@ -18,14 +18,22 @@ moments). Three things follow, each of which fails when only the main process ac
 - A second trainable module (SparsePO's masks) is refused: accelerate prepares one model
   per launch under FSDP2.
 
-Without sharding (one process, DDP) every function here is the plain
-``state_dict()`` / ``load_state_dict()`` of before, and checkpoints keep their format.
 DeepSpeed's ZeRO optimizer partitions its state (fp32 master weights and AdamW moments)
 over the processes too, in flat buffers of its own layout. Each process's partition,
 DeepSpeed's own ``state_dict()``, is gathered to the main process and saved as a list
 (:data:`PER_RANK`); a resume hands every process the list, from which DeepSpeed takes its
 own partition, fp32 master weights included, so a bf16 model resumes without rounding.
-The list fits the same number of processes only, which a resume checks.
+The list fits the same number of processes only, which a resume checks. With bf16 the
+weights saved are those fp32 masters, not the bf16 copy DeepSpeed runs. Under ZeRO-3 every
+model is partitioned as it loads: the frozen ones get inference engines of their own
+(:func:`shard_frozen`), and those that must be whole (the teacher-cache build) load outside
+the partitioning (:func:`loaded_whole`).
+
+Where every forward is a collective (FSDP, ZeRO-3: :func:`collective_forwards`), the
+processes must run the same forwards, on-policy sampling included.
+
+Without sharding (one process, DDP) every function here is the plain
+``state_dict()`` / ``load_state_dict()`` of before, and checkpoints keep their format.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from aligndistil.model.outputs import unwrap
+from aligndistil.train.accel import uses_deepspeed
 from aligndistil.train.checkpoints import CheckpointError
 
 #: ``trainer_state.pt``'s ``optimizer_format`` when the optimizer state is the full,
@@ -54,13 +63,9 @@ def is_fsdp2(acc) -> bool:
         and acc.state.fsdp_plugin.fsdp_version == 2
 
 
-def is_deepspeed(acc) -> bool:
-    return getattr(getattr(acc, "state", None), "deepspeed_plugin", None) is not None
-
-
 def zero_stage(acc) -> int | None:
     """DeepSpeed's ZeRO stage for this launch (None without DeepSpeed)."""
-    if not is_deepspeed(acc):
+    if not uses_deepspeed(acc):
         return None
     return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -85,7 +90,7 @@ def model_state(acc, model) -> dict | None:
     if not is_sharded(acc):
         return None
     state = acc.get_state_dict(model, unwrap=True)
-    if is_deepspeed(acc):
+    if uses_deepspeed(acc):
         state = _with_fp32_masters(model, state)
     return state
 
@@ -130,7 +135,7 @@ def optimizer_state(acc, policy, modules: dict, optimizer) -> tuple[dict | list,
     CPU; under DeepSpeed every process's partition, in rank order (:data:`PER_RANK`);
     otherwise ``optimizer.state_dict()`` and format None.
     """
-    if is_deepspeed(acc):
+    if uses_deepspeed(acc):
         from accelerate.utils import gather_object
 
         zero = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer
@@ -184,7 +189,7 @@ def check_optimizer_format(acc, state, fmt: str | None) -> None:
         CheckpointError: written under FSDP, DeepSpeed or neither, and resumed under another; or by
             another number of DeepSpeed processes.
     """
-    here = PER_RANK if is_deepspeed(acc) else FULL_BY_NAME if is_fsdp(acc) else None
+    here = PER_RANK if uses_deepspeed(acc) else FULL_BY_NAME if is_fsdp(acc) else None
     if fmt != here:
         raise CheckpointError(f"--resume: the checkpoint's optimizer state was written {_launch_kind(fmt)} and this launch "
                          f"runs {_launch_kind(here)}; resume it with the same kind of launch (or start afresh)")
