@@ -90,6 +90,13 @@ def uses_deepspeed(acc) -> bool:
     return getattr(acc.state, "deepspeed_plugin", None) is not None
 
 
+def zero_stage(acc) -> int | None:
+    """DeepSpeed's ZeRO stage for this launch (None without DeepSpeed)."""
+    if not uses_deepspeed(acc):
+        return None
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def resolve_deepspeed_config(ds: dict, *, per_device_batch_size: int, gradient_accumulation_steps: int,
                              world_size: int, max_grad_norm: float) -> dict:
     """A copy of DeepSpeed config ``ds`` with the batch and clipping keys taken from the run.
@@ -135,9 +142,8 @@ def apply_deepspeed_config(acc, cfg: RunConfig) -> None:
     ds.update(resolve_deepspeed_config(ds, per_device_batch_size=t.per_device_batch_size,
                                        gradient_accumulation_steps=t.gradient_accumulation_steps,
                                        world_size=acc.num_processes, max_grad_norm=t.max_grad_norm))
-    zero = ds.get("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3:  # the trainer writes whole HF folders: gather the weights to save them
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if zero_stage(acc) == 3:  # the trainer writes whole HF folders: gather the weights to save them
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def seed_sampling(seed: int, rank: int) -> None:

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from aligndistil.model.outputs import unwrap
-from aligndistil.train.accel import uses_deepspeed
+from aligndistil.train.accel import uses_deepspeed, zero_stage
 from aligndistil.train.checkpoints import CheckpointError
 
 #: ``trainer_state.pt``'s ``optimizer_format`` when the optimizer state is the full,
@@ -63,13 +63,6 @@ def is_fsdp2(acc) -> bool:
         and acc.state.fsdp_plugin.fsdp_version == 2
 
 
-def zero_stage(acc) -> int | None:
-    """DeepSpeed's ZeRO stage for this launch (None without DeepSpeed)."""
-    if not uses_deepspeed(acc):
-        return None
-    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
-
-
 def collective_forwards(acc) -> bool:
     """Whether every forward of the policy is a collective (its weights gathered from all
     processes as it runs): FSDP and ZeRO-3. The processes must then run the same number of
@@ -79,8 +72,7 @@ def collective_forwards(acc) -> bool:
 
 def is_sharded(acc) -> bool:
     """FSDP, or DeepSpeed (whose ZeRO-3 shards weights; accelerate's gather handles every stage)."""
-    kind = str(getattr(acc, "distributed_type", "")).upper()
-    return "FSDP" in kind or "DEEPSPEED" in kind
+    return is_fsdp(acc) or uses_deepspeed(acc)
 
 
 def model_state(acc, model) -> dict | None:
@@ -104,7 +96,7 @@ def _with_fp32_masters(model, state: dict) -> dict:
 
     net = unwrap(model)
     masters = {}
-    for name, p in net.named_parameters():
+    for p in net.parameters():
         if p.dtype in (torch.bfloat16, torch.float16):
             full = safe_get_full_fp32_param(p)
             if full is not None:
@@ -153,8 +145,6 @@ def optimizer_state(acc, policy, modules: dict, optimizer) -> tuple[dict | list,
 
 def _to_cpu(obj):
     """``obj`` with every tensor in it moved to the CPU (what is gathered and saved)."""
-    import torch
-
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
@@ -223,9 +213,10 @@ def module_states(acc, modules: dict) -> dict:
 def shard_frozen(acc, model: nn.Module, name: str, log=print) -> nn.Module:
     """Under FSDP2, shard a frozen ``model`` over the processes like the policy: each block
     its architecture declares unsplittable (``_no_split_modules``: the decoder layers), then
-    the rest. Every process must call it, and every forward of the model is then a
-    collective (all processes run it, on their own batches, as the training step does).
-    Elsewhere (one process, DDP, FSDP1) the model is returned as it is: whole on every process.
+    the rest; under ZeRO-3, give it an inference engine (:func:`_zero3_inference`). Every
+    process must call it, and every forward of the model is then a collective (all processes
+    run it, on their own batches, as the training step does). Elsewhere (one process, DDP,
+    ZeRO-1/2, FSDP1) the model is returned as it is: whole on every process.
     """
     if zero_stage(acc) == 3:
         return _zero3_inference(acc, model, name, log)
